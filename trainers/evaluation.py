@@ -1,0 +1,97 @@
+"""Scoring rules from the paper, with confidence intervals and the distance to its figures.
+
+ToolRAG counts are kept as sums (hits, tool counts, their squares, per-tool TP/FP/FN) so
+that Train workers can all-reduce them and every worker reports the metrics of the whole
+held-out set, not of its own shard.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from trainers.tools import NUM_TOOLS, TOOL_NAMES
+
+Z_95 = 1.959963984540054
+
+
+def wilson_interval(successes: float, total: float, z: float = Z_95) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion; (0, 1) when total is 0."""
+    if total <= 0:
+        return 0.0, 1.0
+    p = successes / total
+    denominator = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denominator
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mean_interval(total: float, total_of_squares: float, count: float, z: float = Z_95) -> tuple[float, float]:
+    """Normal-approximation 95% interval of a mean from its sums (n is in the thousands)."""
+    if count <= 0:
+        return 0.0, 0.0
+    mean = total / count
+    variance = max(total_of_squares / count - mean * mean, 0.0) * count / max(count - 1, 1)
+    half = z * math.sqrt(variance / count)
+    return mean - half, mean + half
+
+
+def paper_distance(measured: dict[str, float], targets: dict[str, dict[str, float]]) -> float:
+    """Euclidean distance to the paper's figures, each difference divided by its tolerance.
+
+    `targets` maps a metric name to {"value", "tolerance"}; a distance of 1 means "one
+    tolerance away" in total, so values below 1 are as close as the paper's own noise.
+    """
+    return math.sqrt(
+        sum(((measured[name] - target["value"]) / target["tolerance"]) ** 2 for name, target in targets.items())
+    )
+
+
+@dataclass
+class ToolRetrievalCounts:
+    """Sums over examples; add them across workers, then call `metrics`."""
+
+    sums: torch.Tensor  # [examples, recall_hits, tool_count, tool_count_sq, tp[16], fp[16], fn[16]]
+
+    @classmethod
+    def zeros(cls) -> "ToolRetrievalCounts":
+        return cls(torch.zeros(4 + 3 * NUM_TOOLS, dtype=torch.float64))
+
+    def update(self, probabilities: torch.Tensor, labels: torch.Tensor, threshold: float) -> None:
+        """probabilities and labels: [batch, 16]; a tool is retrieved above `threshold`."""
+        predicted = (probabilities > threshold).to(torch.float64).cpu()
+        gold = labels.to(torch.float64).cpu()
+        missed = ((gold == 1) & (predicted == 0)).any(dim=1)
+        per_example_count = predicted.sum(dim=1)
+        self.sums[0] += predicted.shape[0]
+        self.sums[1] += (~missed).sum()
+        self.sums[2] += per_example_count.sum()
+        self.sums[3] += (per_example_count**2).sum()
+        self.sums[4 : 4 + NUM_TOOLS] += (predicted * gold).sum(dim=0)
+        self.sums[4 + NUM_TOOLS : 4 + 2 * NUM_TOOLS] += (predicted * (1 - gold)).sum(dim=0)
+        self.sums[4 + 2 * NUM_TOOLS :] += ((1 - predicted) * gold).sum(dim=0)
+
+    def metrics(self) -> dict[str, float]:
+        n, hits, count_sum, count_sq = (float(v) for v in self.sums[:4])
+        tp = self.sums[4 : 4 + NUM_TOOLS]
+        fp = self.sums[4 + NUM_TOOLS : 4 + 2 * NUM_TOOLS]
+        fn = self.sums[4 + 2 * NUM_TOOLS :]
+        recall_low, recall_high = wilson_interval(hits, n)
+        count_low, count_high = mean_interval(count_sum, count_sq, n)
+        predicted_total = float(tp.sum() + fp.sum())
+        result = {
+            "tool_recall": hits / n if n else 0.0,
+            "tool_recall_ci_low": recall_low,
+            "tool_recall_ci_high": recall_high,
+            "tool_count": count_sum / n if n else 0.0,
+            "tool_count_ci_low": count_low,
+            "tool_count_ci_high": count_high,
+            "tool_precision": float(tp.sum()) / predicted_total if predicted_total else 0.0,
+            "eval_examples": n,
+        }
+        for index, name in enumerate(TOOL_NAMES):
+            support = float(tp[index] + fn[index])
+            result[f"recall/{name}"] = float(tp[index]) / support if support else 1.0
+        return result

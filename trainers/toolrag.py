@@ -1,0 +1,280 @@
+"""ToolRAG: a 16-way multi-label classifier over user queries, trained on Ray Train workers.
+
+`train_fn_per_worker` is what a `TorchTrainer` runs on each worker. It knows Ray Train
+(context, report, checkpoint) but nothing of Tune: the search driver wraps it.
+
+Per epoch every worker trains on its shard, then scores its slice of the held-out set; the
+sums are all-reduced so each worker reports the metrics of the whole set. Rank 0 writes a
+checkpoint only when the epoch is the best so far, and the run keeps one checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from trainers.evaluation import ToolRetrievalCounts, paper_distance
+from trainers.models import config_from_dict
+from trainers.tools import NUM_TOOLS, TOOL_NAMES
+
+# How the query is shown to the encoder. `query` is the paper's input; `question` is the
+# user message exactly as the planner receives it; `instruction` states the task, which
+# gives a small pretrained encoder a cue that the inputs are requests for actions.
+TOOLRAG_TEMPLATES: dict[str, str] = {
+    "query": "{query}",
+    "question": "Question: {query}",
+    "instruction": "Which tools does this request need? {query}",
+}
+
+
+class Target(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    value: float
+    tolerance: float = Field(gt=0)
+
+
+class ToolRAGConfig(BaseModel):
+    """Everything one ToolRAG training run needs; searched keys are fields here."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model_path: str = Field(description="Local folder with weights and tokenizer, or with the tokenizer only when `architecture` is set.")
+    architecture: dict[str, Any] | None = Field(None, description="Build this config with random weights instead of loading weights.")
+    num_hidden_layers: int | None = Field(None, ge=1, description="Keep only the first N encoder layers (speed on CPU).")
+    max_length: int = Field(512, ge=8, le=4096, description="Token cap per input; the paper uses 512.")
+    prompt_template: str = "query"
+    pos_weight: float = Field(1.0, gt=0, description="Weight of positive labels in BCEWithLogitsLoss, same for all 16.")
+    learning_rate: float = Field(4e-5, gt=0, lt=1)
+    batch_size: int = Field(128, ge=1, description="Global batch size, split across workers.")
+    epochs: int = Field(6, ge=1)
+    warmup_ratio: float = Field(0.33, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    threshold: float = Field(0.5, gt=0, lt=1)
+    eval_batch_size: int = Field(128, ge=1)
+    max_train_examples: int | None = Field(None, ge=1)
+    max_eval_examples: int | None = Field(None, ge=1)
+    bf16: bool = Field(True, description="bf16 autocast; applies on GPU only.")
+    seed: int = 0
+    cache_dir: str = Field(description="Node-local folder for tokenized data, shared by the trials on a node.")
+    targets: dict[Literal["tool_recall", "tool_count"], Target]
+
+    @model_validator(mode="after")
+    def _check(self) -> "ToolRAGConfig":
+        if self.prompt_template not in TOOLRAG_TEMPLATES:
+            raise ValueError(f"prompt_template {self.prompt_template!r} is not one of {sorted(TOOLRAG_TEMPLATES)}")
+        return self
+
+
+def build_classifier(config: ToolRAGConfig) -> torch.nn.Module:
+    """A sequence classifier with 16 sigmoid outputs in TOOL_NAMES order."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    labels = {"num_labels": NUM_TOOLS, "problem_type": "multi_label_classification",
+              "id2label": dict(enumerate(TOOL_NAMES)), "label2id": {n: i for i, n in enumerate(TOOL_NAMES)}}
+    if config.architecture is not None:
+        model_config = config_from_dict({**config.architecture, **labels})
+        return AutoModelForSequenceClassification.from_config(model_config)
+    overrides = dict(labels)
+    if config.num_hidden_layers is not None:
+        overrides["num_hidden_layers"] = config.num_hidden_layers
+    model_config = AutoConfig.from_pretrained(config.model_path, **overrides)
+    return AutoModelForSequenceClassification.from_pretrained(config.model_path, config=model_config)
+
+
+def render_inputs(queries: list[str], template: str) -> list[str]:
+    return [TOOLRAG_TEMPLATES[template].format(query=query) for query in queries]
+
+
+def _token_cache_path(config: ToolRAGConfig, data_fingerprint: str) -> Path:
+    key = "|".join([data_fingerprint, os.path.abspath(config.model_path), config.prompt_template,
+                    str(config.max_length), str(config.max_train_examples), str(config.max_eval_examples)])
+    return Path(config.cache_dir) / f"toolrag-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
+
+
+def tokenize_splits(config: ToolRAGConfig, data: dict[str, Any], data_fingerprint: str) -> dict[str, Any]:
+    """Token ids per split, computed once per (data, tokenizer, template, cap) and cached on disk.
+
+    Returns {"pad_id": int, "train": {"ids": [list[int]], "labels": Tensor}, "test": {...}}.
+    Concurrent trials may both miss the cache; each writes a temp file and renames it, so a
+    reader never sees half a file.
+    """
+    cache_path = _token_cache_path(config, data_fingerprint)
+    if cache_path.exists():
+        return torch.load(cache_path, weights_only=True)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model_path)
+    limits = {"train": config.max_train_examples, "test": config.max_eval_examples}
+    encoded: dict[str, Any] = {"pad_id": int(tokenizer.pad_token_id or 0)}
+    for split in ("train", "test"):
+        queries, labels = data[split]["queries"], data[split]["labels"]
+        if limits[split] is not None:
+            queries, labels = queries[: limits[split]], labels[: limits[split]]
+        ids = tokenizer(render_inputs(queries, config.prompt_template), truncation=True,
+                        max_length=config.max_length)["input_ids"]
+        encoded[split] = {"ids": ids, "labels": torch.tensor(labels, dtype=torch.float32)}
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(dir=cache_path.parent, suffix=".tmp")
+    os.close(handle)
+    torch.save(encoded, temp_name)
+    os.replace(temp_name, cache_path)
+    return encoded
+
+
+class PaddedBatches:
+    """Collate function that pads to the longest sequence in the batch and counts pad tokens."""
+
+    def __init__(self, ids: list[list[int]], labels: torch.Tensor, pad_id: int):
+        self.ids, self.labels, self.pad_id = ids, labels, pad_id
+        self.pad_tokens = 0
+        self.total_tokens = 0
+
+    def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        longest = max(len(self.ids[i]) for i in indices)
+        input_ids = torch.full((len(indices), longest), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(indices), longest), dtype=torch.long)
+        for row, index in enumerate(indices):
+            sequence = self.ids[index]
+            input_ids[row, : len(sequence)] = torch.tensor(sequence)
+            attention_mask[row, : len(sequence)] = 1
+        self.total_tokens += input_ids.numel()
+        self.pad_tokens += input_ids.numel() - int(attention_mask.sum())
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": self.labels[indices]}
+
+
+def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        reduced = tensor.clone()
+        torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.SUM)
+        return reduced
+    return tensor
+
+
+def _evaluate(model, encoded: dict[str, Any], pad_id: int, config: ToolRAGConfig, device, rank: int, world: int):
+    """Score this worker's slice of the held-out set and all-reduce the sums."""
+    collate = PaddedBatches(encoded["ids"], encoded["labels"], pad_id)
+    mine = list(range(rank, len(encoded["ids"]), world))
+    counts = ToolRetrievalCounts.zeros()
+    model.eval()
+    with torch.no_grad(), _autocast(device, config):
+        for start in range(0, len(mine), config.eval_batch_size):
+            batch = collate(mine[start : start + config.eval_batch_size])
+            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+            counts.update(torch.sigmoid(logits.float()), batch["labels"], config.threshold)
+    model.train()
+    counts.sums = _all_reduce_sum(counts.sums.to(device)).cpu()
+    return counts.metrics()
+
+
+def _autocast(device: torch.device, config: ToolRAGConfig):
+    enabled = config.bf16 and device.type == "cuda"
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _save_checkpoint(model, config: ToolRAGConfig, directory: str, metrics: dict[str, float]) -> None:
+    from transformers import AutoTokenizer
+
+    unwrapped = model.module if hasattr(model, "module") else model
+    unwrapped.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(config.model_path).save_pretrained(directory)
+    Path(directory, "toolrag.json").write_text(
+        ToolRAGConfig.model_validate(config).model_dump_json(indent=2, exclude={"cache_dir"})
+    )
+
+
+def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
+    """Train one ToolRAG configuration; runs on every Ray Train worker.
+
+    loop_config: {"trainer": ToolRAGConfig fields, "data": ObjectRef or dict of
+    {"train"/"test": {"queries": [...], "labels": [[16 floats]]}}, "data_fingerprint": str}.
+    Reports per epoch: tool_recall, tool_count (with 95% CIs), precision, per-tool recall,
+    paper_distance, best_paper_distance and cost figures; rank 0 attaches a checkpoint when
+    the epoch is the best so far.
+    """
+    import ray
+    import ray.train
+    import ray.train.torch
+    from transformers import get_linear_schedule_with_warmup
+
+    started = time.perf_counter()
+    cpu_started = time.process_time()
+    config = ToolRAGConfig.model_validate(loop_config["trainer"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(config.seed)
+
+    data = loop_config["data"]
+    if isinstance(data, ray.ObjectRef):
+        data = ray.get(data)
+    encoded = tokenize_splits(config, data, loop_config["data_fingerprint"])
+    data_prep_seconds = time.perf_counter() - started
+
+    model = ray.train.torch.prepare_model(build_classifier(config))
+    train_split = encoded["train"]
+    collate = PaddedBatches(train_split["ids"], train_split["labels"], encoded["pad_id"])
+    per_worker_batch = max(1, config.batch_size // world)
+    loader = torch.utils.data.DataLoader(
+        list(range(len(train_split["ids"]))), batch_size=per_worker_batch, shuffle=True, collate_fn=collate,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+    loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    total_steps = max(1, len(loader) * config.epochs)
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.full((NUM_TOOLS,), config.pos_weight, device=device))
+    targets = {name: target.model_dump() for name, target in config.targets.items()}
+    best_distance = math.inf
+
+    for epoch in range(1, config.epochs + 1):
+        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        loss_total, batches = 0.0, 0
+        collate.pad_tokens = collate.total_tokens = 0
+        for batch in loader:
+            with _autocast(device, config):
+                logits = model(input_ids=batch["input_ids"].to(device),
+                               attention_mask=batch["attention_mask"].to(device)).logits
+            loss = loss_fn(logits.float(), batch["labels"].to(device))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch}, batch {batches}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_total += loss.item()
+            batches += 1
+
+        metrics = _evaluate(model, encoded["test"], encoded["pad_id"], config, device, rank, world)
+        metrics["paper_distance"] = paper_distance(metrics, targets)
+        improved = metrics["paper_distance"] < best_distance
+        best_distance = min(best_distance, metrics["paper_distance"])
+        cost = _all_reduce_sum(torch.tensor(
+            [time.process_time() - cpu_started, collate.pad_tokens, collate.total_tokens, loss_total, batches],
+            dtype=torch.float64, device=device)).cpu().tolist()
+        metrics.update(
+            epoch=epoch,
+            best_paper_distance=best_distance,
+            train_loss=cost[3] / max(cost[4], 1),
+            cpu_seconds=cost[0],
+            gpu_seconds=(time.perf_counter() - started) * world if device.type == "cuda" else 0.0,
+            padding_waste=cost[1] / max(cost[2], 1),
+            data_prep_seconds=data_prep_seconds,
+            train_fn_seconds=time.perf_counter() - started,
+            world_size=world,
+        )
+        if improved and rank == 0:
+            with tempfile.TemporaryDirectory() as directory:
+                _save_checkpoint(model, config, directory, metrics)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        else:
+            ray.train.report(metrics)

@@ -1,0 +1,195 @@
+"""Presets, search spaces and targets: YAML files validated once, before Ray starts.
+
+Every error names the file and the key, and becomes one line and exit code 2 in the CLI.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from trainers.toolrag import TOOLRAG_TEMPLATES, ToolRAGConfig
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+PRESETS_DIR = SPACES_DIR / "presets"
+TARGETS_FILE = SPACES_DIR / "targets.yaml"
+MODELS = ("toolrag",)
+PRESETS = ("paper", "local", "tiny")
+# Keys a preset or the driver sets, never a search: where the model and caches live.
+NOT_SEARCHABLE = {"model_path", "architecture", "cache_dir", "targets"}
+TRAINER_CONFIGS: dict[str, type[BaseModel]] = {"toolrag": ToolRAGConfig}
+TEMPLATES: dict[str, dict[str, str]] = {"toolrag": TOOLRAG_TEMPLATES}
+
+
+class UserError(ValueError):
+    """Bad input the user can fix: printed as one line, exit code 2."""
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "<top level>"
+    return f"{where}: {first['msg']}"
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', error)}") from None
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class TargetEntry(Strict):
+    value: float
+    tolerance: float = Field(gt=0)
+    source: str
+
+
+def load_targets(model: str, path: Path = TARGETS_FILE) -> dict[str, dict[str, float]]:
+    """{metric: {"value", "tolerance"}} for the model, from the one targets file."""
+    raw = _read_yaml(path)
+    if not isinstance(raw, dict) or model not in raw:
+        raise UserError(f"{path}: no targets for model {model!r}")
+    try:
+        entries = {name: TargetEntry.model_validate(entry) for name, entry in raw[model].items()}
+    except ValidationError as error:
+        raise UserError(f"{path}: {model}.{_describe(error)}") from None
+    return {name: {"value": e.value, "tolerance": e.tolerance} for name, e in entries.items()}
+
+
+class ModelSource(Strict):
+    name_or_path: str = Field(description="Hub id, local folder, or package:<module>/<folder>.")
+    architecture: dict[str, Any] | None = Field(None, description="Random-init architecture; the folder then only supplies the tokenizer.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelSource":
+        if self.architecture is not None and "model_type" not in self.architecture:
+            raise ValueError("architecture needs a model_type")
+        return self
+
+
+class SearchSettings(Strict):
+    space: str = Field(description="Search-space file name under search_spaces/.")
+    num_samples: int = Field(ge=1)
+    time_budget_s: float | None = Field(None, gt=0)
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: int = Field(2, ge=2)
+
+
+class SyntheticData(Strict):
+    synthetic_train: int = Field(2000, ge=10)
+    synthetic_test: int = Field(500, ge=10)
+
+
+class Preset(Strict):
+    model: ModelSource
+    trainer: dict[str, Any] = Field(default_factory=dict)
+    search: SearchSettings
+    data: SyntheticData = SyntheticData()
+
+
+class Parameter(Strict):
+    type: Literal["loguniform", "uniform", "randint", "choice"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "Parameter":
+        if self.type == "choice":
+            if not self.values:
+                raise ValueError("a choice needs a non-empty 'values' list")
+            if self.low is not None or self.high is not None:
+                raise ValueError("a choice takes 'values', not low/high")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError(f"{self.type} needs 'low' and 'high'")
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.type == "loguniform" and self.low <= 0:
+            raise ValueError("loguniform needs low > 0")
+        return self
+
+    def contains(self, value: Any) -> bool:
+        if self.type == "choice":
+            return value in self.values
+        return isinstance(value, (int, float)) and self.low <= value <= self.high
+
+    def samples(self) -> list[Any]:
+        """Values that must all be valid trainer settings: the ends of a range, every choice."""
+        if self.type == "choice":
+            return list(self.values)
+        if self.type == "randint":
+            return [int(self.low), int(self.high)]
+        return [self.low, self.high]
+
+
+class SearchSpace(Strict):
+    model: Literal["toolrag", "planner"]
+    parameters: dict[str, Parameter] = Field(min_length=1)
+    warm_start: list[dict[str, Any]] = Field(default_factory=list)
+
+
+def _trainer_probe(model: str) -> dict[str, Any]:
+    """Placeholders for the fields only the driver knows, so a preset can be checked alone."""
+    return {"model_path": ".", "cache_dir": ".", "targets": {name: {"value": 0.5, "tolerance": 1.0}
+                                                              for name in ("tool_recall", "tool_count")}}
+
+
+def check_trainer_settings(model: str, settings: dict[str, Any], source: str) -> None:
+    """Raise UserError unless `settings` (plus driver placeholders) make a valid trainer config."""
+    forbidden = NOT_SEARCHABLE & settings.keys()
+    if forbidden:
+        raise UserError(f"{source}: {sorted(forbidden)[0]}: set by the driver, not by a preset or search space")
+    try:
+        TRAINER_CONFIGS[model].model_validate({**_trainer_probe(model), **settings})
+    except ValidationError as error:
+        raise UserError(f"{source}: {_describe(error)}") from None
+
+
+def load_preset(model: str, preset: str) -> Preset:
+    path = PRESETS_DIR / model / f"{preset}.yaml"
+    raw = _read_yaml(path)
+    try:
+        loaded = Preset.model_validate(raw)
+    except ValidationError as error:
+        raise UserError(f"{path}: {_describe(error)}") from None
+    check_trainer_settings(model, loaded.trainer, f"{path}: trainer")
+    return loaded
+
+
+def load_search_space(model: str, path: Path, base_trainer: dict[str, Any]) -> SearchSpace:
+    """Load and check a space: known keys, sane ranges, values the trainer accepts, warm starts inside."""
+    raw = _read_yaml(path)
+    try:
+        space = SearchSpace.model_validate(raw)
+    except ValidationError as error:
+        raise UserError(f"{path}: {_describe(error)}") from None
+    if space.model != model:
+        raise UserError(f"{path}: model: this space is for {space.model!r}, not {model!r}")
+    fields = TRAINER_CONFIGS[model].model_fields
+    for key, parameter in space.parameters.items():
+        if key not in fields or key in NOT_SEARCHABLE:
+            searchable = sorted(set(fields) - NOT_SEARCHABLE)
+            raise UserError(f"{path}: parameters.{key}: not a searchable {model} setting (known: {', '.join(searchable)})")
+        for value in parameter.samples():
+            if key == "prompt_template" and value not in TEMPLATES[model]:
+                raise UserError(f"{path}: parameters.{key}: unknown template {value!r} (known: {', '.join(TEMPLATES[model])})")
+            check_trainer_settings(model, {**base_trainer, key: value}, f"{path}: parameters.{key}")
+    for position, point in enumerate(space.warm_start):
+        if set(point) != set(space.parameters):
+            raise UserError(f"{path}: warm_start[{position}]: must set exactly the searched keys {sorted(space.parameters)}")
+        for key, value in point.items():
+            if not space.parameters[key].contains(value):
+                raise UserError(f"{path}: warm_start[{position}].{key}: {value!r} is outside the searched range")
+    return space

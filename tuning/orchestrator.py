@@ -1,0 +1,236 @@
+"""One search from validated inputs to the closing table.
+
+`prepare` checks everything the user gave (preset, space, targets, model, data, paths)
+before Ray starts or anything is written to MLflow, so bad input costs seconds and leaves
+nothing behind. `execute` starts Ray, tracks, runs, ranks, registers and reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainers import synthetic
+from trainers.data import HUB_DATASET_ID, DataError, Dataset, load_dataset_dir
+from trainers.models import SourceUnavailable, resolve_source
+from tuning.config import (
+    PRESETS_DIR, SPACES_DIR, TARGETS_FILE, TRAINER_CONFIGS, UserError, check_trainer_settings, load_preset,
+    load_search_space, load_targets,
+)
+from tuning.driver import SearchRequest
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+REGISTERED_MODEL = {"toolrag": "tinyagent-toolrag"}
+EXPERIMENT_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+@dataclass
+class PreparedSearch:
+    request: SearchRequest
+    tracking_uri: str
+    results_dir: Path
+    run_name: str
+    experiment_name: str
+    preset_name: str
+    targets: dict[str, dict[str, float]]
+    dataset: Dataset
+    files: list[Path]
+    top_k: int
+    fixed_params: dict[str, Any]
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_DIR, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _load_data(args: argparse.Namespace, preset, results_dir: Path) -> Dataset:
+    if args.data is None:
+        sizes = preset.data
+        folder = results_dir / "data" / f"synthetic-seed{args.seed}-{sizes.synthetic_train}-{sizes.synthetic_test}"
+        if not (folder / "testing_data.json").exists():
+            print(f"[data] no --data given: generating synthetic TinyAgent-format data in {folder}", flush=True)
+            stats = synthetic.write_dataset(folder, sizes.synthetic_train, sizes.synthetic_test, args.seed)
+            print(synthetic.format_statistics(stats), flush=True)
+        else:
+            print(f"[data] no --data given: using synthetic TinyAgent-format data cached in {folder}", flush=True)
+        return load_dataset_dir(folder)
+    local = Path(args.data).expanduser()
+    if local.exists():
+        return load_dataset_dir(local, skip_invalid=args.skip_invalid)
+    if args.data.count("/") == 1 and not args.data.startswith((".", "/", "~")):
+        folder = resolve_source(args.data, "dataset", "--data")
+        return load_dataset_dir(folder, skip_invalid=args.skip_invalid)
+    raise UserError(f"--data {args.data}: no such directory (or pass the hub id {HUB_DATASET_ID})")
+
+
+def _sqlite_path(tracking_uri: str) -> Path | None:
+    if tracking_uri.startswith("sqlite:///"):
+        return Path(tracking_uri[len("sqlite:///"):])
+    return None
+
+
+def _check_writable(path: Path, flag: str) -> None:
+    """The nearest existing ancestor must be a writable directory; nothing is created here."""
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise UserError(f"{flag} {path}: cannot write there ({probe} is not a writable directory)")
+
+
+def prepare(args: argparse.Namespace) -> PreparedSearch:
+    """Validate every input; raises UserError (or DataError/SourceUnavailable, also user errors)."""
+    preset_name = "tiny" if args.smoke else args.preset
+    preset = load_preset(args.model, preset_name)
+    space_path = Path(args.space) if args.space else SPACES_DIR / preset.search.space
+    space = load_search_space(args.model, space_path, preset.trainer)
+    targets = load_targets(args.model)
+
+    for flag, value, low in (("--workers-per-trial", args.workers_per_trial, 1), ("--num-samples", args.num_samples, 1),
+                             ("--max-concurrent", args.max_concurrent, 1), ("--top-k", args.top_k, 1)):
+        if value is not None and value < low:
+            raise UserError(f"{flag} {value}: must be at least {low}")
+    if args.cpus_per_worker <= 0:
+        raise UserError(f"--cpus-per-worker {args.cpus_per_worker}: must be above 0")
+    if args.gpus_per_worker < 0:
+        raise UserError(f"--gpus-per-worker {args.gpus_per_worker}: must not be negative")
+    experiment_name = args.experiment_name or f"tinyagent-{args.model}-{preset_name}"
+    if not EXPERIMENT_NAME_PATTERN.match(experiment_name):
+        raise UserError(f"--experiment-name {experiment_name!r}: use letters, digits, '.', '_' and '-' only")
+
+    results_dir = Path(args.results_dir).expanduser().resolve()
+    _check_writable(results_dir, "--results-dir")
+    storage = args.storage or str(results_dir / "ray")
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+        _check_writable(Path(storage), "--storage")
+    tracking_uri = args.tracking_uri or f"sqlite:///{results_dir / 'mlflow.db'}"
+    sqlite_file = _sqlite_path(tracking_uri)
+    if sqlite_file is not None:
+        if not sqlite_file.is_absolute():
+            raise UserError(f"--tracking-uri {tracking_uri}: use an absolute path (sqlite:////abs/path.db); "
+                            "trials run in other working directories")
+        _check_writable(sqlite_file, "--tracking-uri")
+    elif not tracking_uri.startswith(("http://", "https://", "databricks")):
+        raise UserError(f"--tracking-uri {tracking_uri}: expected sqlite:////abs/path.db or http(s)://host:port")
+
+    model_source = args.model_path or preset.model.name_or_path
+    model_path = resolve_source(model_source, "model", "--model-path")
+    dataset = _load_data(args, preset, results_dir)
+    if dataset.skipped_invalid:
+        print(f"[data] --skip-invalid: left out {dataset.skipped_invalid} invalid records", flush=True)
+    if dataset.skipped_without_plan:
+        print(f"[data] left out {dataset.skipped_without_plan} records without a plan point", flush=True)
+
+    trainer_base = {**preset.trainer, "model_path": str(model_path), "architecture": preset.model.architecture,
+                    "cache_dir": str(results_dir / "cache" / "tokens"), "targets": targets}
+    config_cls = TRAINER_CONFIGS[args.model]
+    trainer_base = config_cls.model_validate(
+        {**trainer_base, **(space.warm_start[0] if space.warm_start else {})}
+    ).model_dump(exclude=set(space.parameters))
+    trainer_base["targets"] = targets
+
+    data = {split: {"queries": [e.query for e in examples], "labels": [e.label_vector for e in examples]}
+            for split, examples in (("train", dataset.train), ("test", dataset.test))}
+    run_name = f"{experiment_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    request = SearchRequest(
+        model=args.model, experiment_name=run_name, storage_path=storage, trainer_base=trainer_base,
+        param_space={k: v.model_dump() for k, v in space.parameters.items()}, warm_start=space.warm_start,
+        data=data, data_fingerprint=dataset.fingerprint,
+        num_samples=args.num_samples or preset.search.num_samples, max_concurrent=args.max_concurrent,
+        workers_per_trial=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker, seed=args.seed, objective=args.objective,
+        grace_period=preset.search.grace_period, reduction_factor=preset.search.reduction_factor,
+        time_budget_s=args.time_budget_s if args.time_budget_s is not None else preset.search.time_budget_s,
+        address=args.address,
+    )
+    fixed = {k: v for k, v in trainer_base.items() if k not in ("targets", "cache_dir", "architecture")}
+    fixed.update(model_source=model_source, preset=preset_name, data_fingerprint=dataset.fingerprint)
+    return PreparedSearch(
+        request=request, tracking_uri=tracking_uri, results_dir=results_dir, run_name=run_name,
+        experiment_name=experiment_name, preset_name=preset_name, targets=targets, dataset=dataset,
+        files=[space_path, PRESETS_DIR / args.model / f"{preset_name}.yaml", TARGETS_FILE],
+        top_k=args.top_k, fixed_params=fixed,
+    )
+
+
+def execute(prepared: PreparedSearch) -> int:
+    """Run the prepared search; returns the process exit code."""
+    import ray
+
+    from tuning import driver, report
+    from tuning.tracking import SearchTracker
+
+    request = prepared.request
+    started = time.time()
+    prepared.results_dir.mkdir(parents=True, exist_ok=True)
+    started_ray = driver.start_ray(request.address, request.ray_num_cpus)
+    tracker = SearchTracker(prepared.tracking_uri, prepared.experiment_name, "best_paper_distance",
+                            max_epochs=request.trainer_base["epochs"])
+    parent_params = {
+        "model": request.model, "preset": prepared.preset_name, "objective": request.objective,
+        "num_samples": request.num_samples, "seed": request.seed, "workers_per_trial": request.workers_per_trial,
+        "cpus_per_worker": request.cpus_per_worker, "gpus_per_worker": request.gpus_per_worker,
+        "data_source": prepared.dataset.source, "data_fingerprint": prepared.dataset.fingerprint,
+        "train_examples": len(prepared.dataset.train), "test_examples": len(prepared.dataset.test),
+        "search_space": json.dumps(request.param_space), "warm_start": json.dumps(request.warm_start),
+        "model_source": prepared.fixed_params["model_source"],
+    }
+    tracker.start_parent(prepared.run_name, parent_params,
+                         {"git_commit": _git_commit(), "storage": request.storage_path,
+                          "experiment_name": request.experiment_name}, prepared.files)
+    print(f"[mlflow] parent run {tracker.parent_run_id} in {prepared.tracking_uri} "
+          f"(experiment {prepared.experiment_name})", flush=True)
+    request.callbacks = [tracker.callback(prepared.fixed_params)]
+    status = "FAILED"
+    try:
+        driver.run_search(request)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        ranked = tracker.ranked()
+        totals = {
+            "trials_total": len(tracker.trials),
+            "trials_finished": sum(r.status == "FINISHED" for r in tracker.trials.values()),
+            "trials_failed": sum(r.status == "FAILED" for r in tracker.trials.values()),
+            "trials_stopped_early": sum(r.stopped_early for r in tracker.trials.values()),
+            "search_wall_seconds": time.time() - started,
+            "cpu_seconds_total": sum((r.last or {}).get("cpu_seconds", 0.0) for r in tracker.trials.values()),
+        }
+        if ranked:
+            totals["best_paper_distance"] = ranked[0].objective
+        version = tracker.mark_closest(prepared.top_k, REGISTERED_MODEL[request.model]) if ranked else None
+        front = report.pareto_front(ranked)
+        tracker.tag_pareto_front(front)
+        tracker.finish_parent(status, totals)
+        if started_ray:
+            driver.wait_for_placement_groups()
+            ray.shutdown()
+
+    print()
+    print(report.format_table(ranked[: prepared.top_k], prepared.targets,
+                              f"Closest to the paper (best epoch of each trial, {len(ranked)} trials scored):"))
+    if request.objective == "pareto":
+        print(report.format_table(front, prepared.targets, "Pareto front (recall up, tools retrieved down):"))
+    print(f"\n{totals['trials_finished']} finished ({totals['trials_stopped_early']} stopped early by ASHA), "
+          f"{totals['trials_failed']} failed, in {totals['search_wall_seconds']:.0f} s.")
+    if version:
+        print(f"Registered {REGISTERED_MODEL[request.model]} version {version} as alias 'closest-to-paper'.")
+    print(f"MLflow: mlflow ui --backend-store-uri {prepared.tracking_uri} --host 127.0.0.1 --port 5000")
+    if not ranked:
+        print("No trial produced a result; see the errors above and the FAILED runs in MLflow.")
+        return 1
+    return 0

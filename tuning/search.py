@@ -1,0 +1,67 @@
+"""Search for the training configuration closest to the TinyAgent paper.
+
+    python tuning/search.py --model toolrag                 # laptop default: local preset
+    python tuning/search.py --model toolrag --smoke         # tiny model, a few trials, ~1-2 min
+    python tuning/search.py --model toolrag --preset paper --address auto --data DIR --gpus-per-worker 1
+
+Parse, validate, run, report: the work lives in tuning/orchestrator.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the project's packages importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tuning.config import MODELS, PRESETS  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Ray Tune + Optuna search for TinyAgent training configurations.")
+    parser.add_argument("--model", required=True, choices=MODELS)
+    parser.add_argument("--preset", default="local", choices=PRESETS,
+                        help="paper: the paper's model (GPU cluster); local: laptop default; tiny: tests")
+    parser.add_argument("--smoke", action="store_true", help="tiny preset, a few trials, about a minute or two")
+    parser.add_argument("--data", help="folder with training_data.json and testing_data.json, or the hub id "
+                                       "squeeze-ai-lab/TinyAgent-dataset (default: synthetic data, generated once)")
+    parser.add_argument("--skip-invalid", action="store_true", help="skip malformed records instead of stopping")
+    parser.add_argument("--model-path", help="local folder with the preset's model (instead of its hub name)")
+    parser.add_argument("--space", help="search-space YAML (default: the preset's)")
+    parser.add_argument("--num-samples", type=int, help="number of trials (default: the preset's)")
+    parser.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the CPUs/GPUs hold)")
+    parser.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers (DDP ranks) per trial")
+    parser.add_argument("--cpus-per-worker", type=float, default=1.0)
+    parser.add_argument("--gpus-per-worker", type=float, default=0.0)
+    parser.add_argument("--address", help="Ray cluster address, e.g. 'auto' on a cluster head (default: start a local Ray)")
+    parser.add_argument("--storage", help="Ray storage: a shared folder or s3://... (default: RESULTS_DIR/ray)")
+    parser.add_argument("--tracking-uri", help="MLflow store (default: sqlite:////abs/RESULTS_DIR/mlflow.db)")
+    parser.add_argument("--experiment-name", help="MLflow experiment (default: tinyagent-MODEL-PRESET)")
+    parser.add_argument("--results-dir", default="results", help="where data, caches, Ray storage and MLflow go")
+    parser.add_argument("--objective", default="distance", choices=("distance", "pareto"),
+                        help="distance: minimise paper_distance; pareto: recall up and tools retrieved down")
+    parser.add_argument("--time-budget-s", type=float, help="stop starting trials after this many seconds")
+    parser.add_argument("--top-k", type=int, default=5, help="how many closest trials to tag and print")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from trainers.data import DataError
+    from trainers.models import SourceUnavailable
+    from tuning.config import UserError
+    from tuning.orchestrator import execute, prepare
+
+    try:
+        prepared = prepare(args)
+    except (UserError, DataError, SourceUnavailable) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return execute(prepared)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
