@@ -302,6 +302,8 @@ def _record(rng: random.Random, intents_per_request: list[int], in_context: list
         if len(trial.calls) <= target_calls and intent_index not in used_intents:
             plan, clauses = trial, clauses + [clause]
             used_intents.add(intent_index)
+    if not clauses:  # every draw overshot a 1-call plan: fall back to a one-call intent
+        clauses.append(_reminder(rng, plan))
     query = clauses[0][0].upper() + clauses[0][1:]
     for clause in clauses[1:]:
         query += rng.choice([", and ", " and then ", ". Also, ", ", then "]) + clause

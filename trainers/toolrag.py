@@ -210,6 +210,10 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    # Ray does not set OMP threads for Train workers: left alone, torch starts one thread per
+    # core in every worker, and two trials on two cores fight over four threads.
+    assigned_cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    torch.set_num_threads(max(1, int(assigned_cpus)))
     torch.manual_seed(config.seed)
 
     data = loop_config["data"]

@@ -17,7 +17,13 @@ from typing import Any, Callable
 # Train's controller polls its workers every 2 s by default; at 0.2 s a finished trial
 # releases its CPU ~4 s sooner, which matters when trials last a minute. Must be set before
 # Ray starts so the local cluster's processes inherit it.
-LOCAL_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+LOCAL_RAY_ENV = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    # A laptop is never preempted; the watcher is one more actor process to start per trial.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # transformers prints a per-tensor load report for every truncated or re-headed model.
+    "TRANSFORMERS_VERBOSITY": "error",
+}
 TRIAL_DRIVER_CPUS = 0.01
 PLACEMENT_GROUP_WAIT_S = 30.0
 
