@@ -272,6 +272,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             cpu_seconds=cost[0],
             gpu_seconds=(time.perf_counter() - started) * world if device.type == "cuda" else 0.0,
             padding_waste=cost[1] / max(cost[2], 1),
+            mean_input_tokens=sum(map(len, train_split["ids"])) / max(len(train_split["ids"]), 1),
             data_prep_seconds=data_prep_seconds,
             train_fn_seconds=time.perf_counter() - started,
             world_size=world,

@@ -24,7 +24,10 @@ LOCAL_RAY_ENV = {
     # transformers prints a per-tensor load report for every truncated or re-headed model.
     "TRANSFORMERS_VERBOSITY": "error",
 }
-TRIAL_DRIVER_CPUS = 0.01
+# The trial driver only waits on its TorchTrainer. It asks for no CPU (a fraction such as 0.01
+# would leave 1.98 of 2 CPUs, so the second trial's 1-CPU worker never fits) and a token of
+# memory, because Tune needs a non-empty resource request.
+TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 64 * 1024 * 1024}
 PLACEMENT_GROUP_WAIT_S = 30.0
 
 
@@ -197,7 +200,7 @@ def run_search(request: SearchRequest):
     }
     max_concurrent = request.max_concurrent or default_concurrency(request)
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(trial_driver, static=static), {"cpu": TRIAL_DRIVER_CPUS}),
+        tune.with_resources(tune.with_parameters(trial_driver, static=static), TRIAL_DRIVER_RESOURCES),
         param_space=_tune_space(request.param_space),
         tune_config=tune.TuneConfig(
             search_alg=searcher, scheduler=scheduler, num_samples=request.num_samples,

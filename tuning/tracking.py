@@ -123,7 +123,7 @@ class SearchTracker:
                 if key in record.best:
                     final[f"final_{key}"] = record.best[key]
         if record.last:
-            for key in ("cpu_seconds", "gpu_seconds", "train_fn_seconds", "data_prep_seconds"):
+            for key in ("cpu_seconds", "gpu_seconds", "train_fn_seconds", "data_prep_seconds", "mean_input_tokens"):
                 if key in record.last:
                     final[key] = record.last[key]
         tags = [RunTag("stopped_early", str(record.stopped_early).lower()), RunTag("trial_status", status)]

@@ -1,0 +1,86 @@
+"""Bad input through the real CLI: one line naming what is wrong, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def _write_data(folder: Path, train: object, test: object | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "training_data.json").write_text(train if isinstance(train, str) else json.dumps(train))
+    (folder / "testing_data.json").write_text(json.dumps(test if test is not None else {}))
+    return folder
+
+
+def _record(tool: str = "send_sms") -> dict:
+    messages = [{"role": "system", "content": "plan"}, {"role": "user", "content": "Question: hi"}]
+    return {"input": "text Sid", "output": [{"type": "plan", "raw_input": repr(messages),
+            "raw_output": f'1. {tool}(["x"], "hi")\n2. join()',
+            "parsed_output": [{"tool_name": tool, "tool_args": [["x"], "hi"]}, {"tool_name": "join", "tool_args": []}],
+            "id": "a", "index": 0}]}
+
+
+def _cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
+    """name -> (extra CLI args, text the error line must contain)."""
+    bad_space = tmp / "space.yaml"
+    bad_space.write_text("model: toolrag\nparameters:\n  pos_weight: {type: loguniform, low: 10, high: 1}\n")
+    unknown_key = tmp / "unknown.yaml"
+    unknown_key.write_text("model: toolrag\nparameters:\n  dropout_rate: {type: uniform, low: 0.1, high: 0.2}\n")
+    bad_template = tmp / "template.yaml"
+    bad_template.write_text("model: toolrag\nparameters:\n  prompt_template: {type: choice, values: [query, shout]}\n")
+    not_yaml = tmp / "broken.yaml"
+    not_yaml.write_text("model: toolrag\nparameters: [unclosed\n")
+    good = _record()
+    return {
+        "space low >= high": (["--space", str(bad_space)], "pos_weight"),
+        "space unknown key": (["--space", str(unknown_key)], "dropout_rate"),
+        "space unknown template": (["--space", str(bad_template)], "shout"),
+        "space not YAML": (["--space", str(not_yaml)], "not valid YAML"),
+        "space missing": (["--space", str(tmp / "nope.yaml")], "file not found"),
+        "data dir missing": (["--data", str(tmp / "no-such-dir")], "no such directory"),
+        "data not JSON": (["--data", str(_write_data(tmp / "d1", "{not json"))], "not valid JSON"),
+        "data unknown tool": (["--data", str(_write_data(tmp / "d2", {"k1": _record("launch_rockets")}, {"t": good}))],
+                              "k1"),
+        "data top level list": (["--data", str(_write_data(tmp / "d3", [good], {"t": good}))], "top level"),
+        "hub dataset offline": (["--data", "squeeze-ai-lab/TinyAgent-dataset"], "--data"),
+        "hub model offline": (["--preset", "paper"], "--model-path"),
+        "model path missing": (["--model-path", str(tmp / "no-model")], "no such folder"),
+        "relative sqlite uri": (["--tracking-uri", "sqlite:///relative.db"], "absolute"),
+        "workers below 1": (["--workers-per-trial", "0"], "--workers-per-trial"),
+        "negative gpus": (["--gpus-per-worker", "-1"], "--gpus-per-worker"),
+        "unknown preset": (["--preset", "huge"], "huge"),
+        "bad experiment name": (["--experiment-name", "a b/c"], "--experiment-name"),
+    }
+
+
+CASE_NAMES = [
+    "space low >= high", "space unknown key", "space unknown template", "space not YAML", "space missing",
+    "data dir missing", "data not JSON", "data unknown tool", "data top level list", "hub dataset offline",
+    "hub model offline", "model path missing", "relative sqlite uri", "workers below 1", "negative gpus",
+    "unknown preset", "bad experiment name",
+]
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_bad_input_gives_one_line_and_exit_2_and_writes_nothing(case, tmp_path):
+    extra, expected = _cases(tmp_path)[case]
+    results = tmp_path / "results"
+    completed = subprocess.run(
+        [sys.executable, "tuning/search.py", "--model", "toolrag", "--results-dir", str(results), *extra],
+        cwd=PROJECT, capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert completed.returncode == 2, completed.stderr
+    lines = [line for line in completed.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in completed.stderr
+    assert expected in lines[-1], lines
+    # argparse prints usage before its error line; our own errors are a single line.
+    assert len(lines) == 1 or lines[0].startswith("usage:"), lines
+    assert not results.exists(), "a rejected search must not leave a results directory"

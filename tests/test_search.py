@@ -1,0 +1,109 @@
+"""The whole ToolRAG search, end to end: real Ray, Optuna, ASHA, Train workers and MLflow."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+PROJECT = Path(__file__).resolve().parent.parent
+SEARCHED = ("pos_weight", "learning_rate", "batch_size", "prompt_template")
+
+
+@pytest.fixture(scope="module")
+def smoke_search(ray_2_cpus, tmp_path_factory):
+    """Run the --smoke search in this process, on the test's Ray, so Ray's state can be checked after."""
+    from tuning.orchestrator import execute, prepare
+    from tuning.search import parse_args
+
+    root = tmp_path_factory.mktemp("smoke")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    args = parse_args(["--model", "toolrag", "--smoke", "--num-samples", "5", "--results-dir", str(root),
+                       "--tracking-uri", uri, "--storage", str(root / "storage"), "--experiment-name", "smoke"])
+    exit_code = execute(prepare(args))
+    return {"exit_code": exit_code, "uri": uri, "root": root}
+
+
+def _runs(uri: str, experiment: str, kind: str):
+    client = MlflowClient(uri)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    return client, client.search_runs([experiment_id], f"tags.search = '{kind}'")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_search_records_every_trial_in_mlflow(smoke_search):
+    assert smoke_search["exit_code"] == 0
+    client, trials = _runs(smoke_search["uri"], "smoke", "trial")
+    _, parents = _runs(smoke_search["uri"], "smoke", "parent")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    assert parent.data.params["data_fingerprint"] and parent.data.tags["git_commit"]
+    assert parent.data.metrics["trials_total"] == 5
+    finished = [run for run in trials if run.info.status == "FINISHED"]
+    assert len(finished) >= 3
+    for run in trials:
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert set(SEARCHED) <= set(run.data.params)
+        for metric in ("tool_recall", "tool_count", "paper_distance", "final_paper_distance", "cpu_seconds"):
+            assert metric in run.data.metrics, (run.info.run_name, metric)
+        history = client.get_metric_history(run.info.run_id, "paper_distance")
+        assert [m.step for m in history] == list(range(1, int(run.data.metrics["epochs_completed"]) + 1))
+    # The reproduction's recipe is evaluated first.
+    first = min(trials, key=lambda run: run.info.start_time)
+    assert float(first.data.params["pos_weight"]) == 60.0 and first.data.params["prompt_template"] == "query"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_asha_stops_trials_and_the_closest_is_tagged_and_registered(smoke_search):
+    client, trials = _runs(smoke_search["uri"], "smoke", "trial")
+    stopped = [run for run in trials if run.data.tags.get("stopped_early") == "true"]
+    assert stopped, "ASHA stopped no trial"
+    assert all(run.data.metrics["epochs_completed"] < 3 for run in stopped)
+    ranked = sorted((run for run in trials if "closest_to_paper_rank" in run.data.tags),
+                    key=lambda run: int(run.data.tags["closest_to_paper_rank"]))
+    assert ranked and ranked[0].data.tags["closest_to_paper_rank"] == "1"
+    distances = [run.data.metrics["final_paper_distance"] for run in ranked]
+    assert distances == sorted(distances)
+    assert distances[0] == min(run.data.metrics["final_paper_distance"] for run in trials)
+    version = client.get_model_version_by_alias("tinyagent-toolrag", "closest-to-paper")
+    assert version.run_id == ranked[0].info.run_id
+    model_files = {Path(a.path).name for a in client.list_artifacts(version.run_id, "model")}
+    assert {"config.json", "model.safetensors", "toolrag.json"} <= model_files
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_no_placement_group_is_left_and_every_cpu_is_free(smoke_search, ray_2_cpus):
+    from ray.util import placement_group_table
+
+    deadline = time.time() + 30
+    while True:
+        alive = [pg for pg in placement_group_table().values() if pg["state"] != "REMOVED"]
+        cpus = ray_2_cpus.available_resources().get("CPU", 0)
+        if (not alive and cpus == 2) or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert alive == [] and cpus == 2
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_readme_smoke_command_exits_0(tmp_path):
+    """The documented command, as a user types it, in a fresh process with its own Ray."""
+    uri = f"sqlite:///{tmp_path / 'x.db'}"
+    completed = subprocess.run(
+        [sys.executable, "tuning/search.py", "--model", "toolrag", "--smoke", "--tracking-uri", uri,
+         "--storage", str(tmp_path / "storage"), "--results-dir", str(tmp_path / "results")],
+        cwd=PROJECT, capture_output=True, text=True, timeout=900, env={**os.environ},
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "Closest to the paper" in completed.stdout
+    client = MlflowClient(uri)
+    assert client.get_model_version_by_alias("tinyagent-toolrag", "closest-to-paper")

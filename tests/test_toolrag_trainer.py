@@ -1,0 +1,94 @@
+"""The ToolRAG trainer: tokenization cache, dynamic padding, and a real 2-worker DDP run on Ray Train."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from trainers.data import load_dataset_dir
+from trainers.models import resolve_source
+from trainers.toolrag import PaddedBatches, ToolRAGConfig, tokenize_splits, train_fn_per_worker
+
+TARGETS = {"tool_recall": {"value": 0.99, "tolerance": 0.01}, "tool_count": {"value": 3.97, "tolerance": 0.1}}
+TINY_PRESET = Path(__file__).resolve().parent.parent / "search_spaces" / "presets" / "toolrag" / "tiny.yaml"
+
+
+def _data(folder: Path) -> dict:
+    dataset = load_dataset_dir(folder)
+    return {split: {"queries": [e.query for e in examples], "labels": [e.label_vector for e in examples]}
+            for split, examples in (("train", dataset.train), ("test", dataset.test))}
+
+
+def _tiny_config(cache_dir: Path, **overrides) -> dict:
+    preset = yaml.safe_load(TINY_PRESET.read_text())
+    settings = {**preset["trainer"], "max_train_examples": None, "max_eval_examples": None, **overrides}
+    return ToolRAGConfig(
+        model_path=str(resolve_source(preset["model"]["name_or_path"], "model", "--model-path")),
+        architecture=preset["model"]["architecture"], cache_dir=str(cache_dir), targets=TARGETS, **settings,
+    ).model_dump()
+
+
+def test_tokenization_is_cached_per_data_tokenizer_and_template(small_data_dir, tmp_path, monkeypatch):
+    data = _data(small_data_dir)
+    config = ToolRAGConfig.model_validate(_tiny_config(tmp_path))
+    first = tokenize_splits(config, data, "fingerprint-a")
+    assert len(list(tmp_path.glob("toolrag-*.pt"))) == 1
+
+    import transformers
+
+    def tokenizer_must_not_load(*args, **kwargs):
+        raise AssertionError("a cache hit must not load the tokenizer")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", tokenizer_must_not_load)
+    second = tokenize_splits(config, data, "fingerprint-a")
+    assert second["train"]["ids"] == first["train"]["ids"]
+    assert torch.equal(second["test"]["labels"], first["test"]["labels"])
+    monkeypatch.undo()
+
+    # Another template or other data is another entry, never a stale hit.
+    other_template = ToolRAGConfig.model_validate({**config.model_dump(), "prompt_template": "question"})
+    tokenize_splits(other_template, data, "fingerprint-a")
+    tokenize_splits(config, data, "fingerprint-b")
+    assert len(list(tmp_path.glob("toolrag-*.pt"))) == 3
+
+
+def test_dynamic_padding_pads_to_the_longest_in_batch_and_counts_pad_tokens():
+    collate = PaddedBatches([[5, 6, 7], [8], [9, 10]], torch.eye(3, 16), pad_id=0)
+    batch = collate([1, 2])
+    assert batch["input_ids"].tolist() == [[8, 0], [9, 10]]
+    assert batch["attention_mask"].tolist() == [[1, 0], [1, 1]]
+    assert (collate.pad_tokens, collate.total_tokens) == (1, 4)
+
+
+@pytest.mark.ray
+def test_two_workers_report_metrics_of_the_whole_test_set_and_keep_one_checkpoint(ray_2_cpus, small_data_dir, tmp_path):
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from transformers import AutoModelForSequenceClassification
+
+    data = _data(small_data_dir)
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"trainer": _tiny_config(tmp_path / "cache", epochs=2, learning_rate=3e-3, batch_size=16,
+                                                   pos_weight=5.0),
+                           "data": data, "data_fingerprint": "test"},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name="two-workers", storage_path=str(tmp_path / "storage"),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+    )
+    result = trainer.fit()
+    metrics = result.metrics
+    assert metrics["world_size"] == 2
+    # Each worker scored half; the all-reduce makes rank 0 report all of them.
+    assert metrics["eval_examples"] == len(data["test"]["queries"])
+    assert 0.0 <= metrics["tool_recall"] <= 1.0 and 0.0 <= metrics["tool_count"] <= 16.0
+    assert metrics["tool_recall_ci_low"] <= metrics["tool_recall"] <= metrics["tool_recall_ci_high"]
+    assert metrics["best_paper_distance"] <= metrics["paper_distance"]
+    checkpoints = list((tmp_path / "storage" / "two-workers").glob("checkpoint_*"))
+    assert len(checkpoints) == 1
+    model = AutoModelForSequenceClassification.from_pretrained(checkpoints[0])
+    assert model.config.num_labels == 16
+    assert (checkpoints[0] / "toolrag.json").is_file() and (checkpoints[0] / "tokenizer.json").is_file()
