@@ -72,3 +72,39 @@ def test_full_size_deberta_v3_small_architecture_trains_one_step_on_cpu():
     optimizer.step()
     assert torch.isfinite(loss)
     assert not torch.equal(before, model.classifier.weight.detach())
+
+
+def test_gpu_trials_ask_ray_for_gpus_and_cpu_trials_do_not():
+    from tuning.driver import scaling_config
+
+    gpu = scaling_config(workers=2, cpus_per_worker=4, gpus_per_worker=1)
+    assert gpu.use_gpu and gpu.num_workers == 2
+    assert gpu.resources_per_worker == {"CPU": 4, "GPU": 1}
+    cpu = scaling_config(workers=1, cpus_per_worker=1, gpus_per_worker=0)
+    assert not cpu.use_gpu and "GPU" not in cpu.resources_per_worker
+
+
+def test_bf16_autocast_is_on_for_cuda_only():
+    from trainers.toolrag import uses_bf16
+
+    assert uses_bf16(torch.device("cuda", 0), _config(bf16=True))
+    assert not uses_bf16(torch.device("cpu"), _config(bf16=True))
+    assert not uses_bf16(torch.device("cuda", 0), _config(bf16=False))
+
+
+def test_mean_pooled_head_ignores_padding_and_survives_a_save_and_load(tmp_path):
+    from trainers.toolrag import MeanPooledClassifier
+
+    model = build_classifier(_config(pooling="mean", num_hidden_layers=1)).eval()
+    assert isinstance(model, MeanPooledClassifier)
+    ids = torch.tensor([[101, 2000, 102, 0, 0]])
+    with torch.no_grad():
+        padded = model(input_ids=ids, attention_mask=torch.tensor([[1, 1, 1, 0, 0]])).logits
+        unpadded = model(input_ids=ids[:, :3], attention_mask=torch.ones(1, 3, dtype=torch.long)).logits
+    assert padded.shape == (1, NUM_TOOLS)
+    assert torch.allclose(padded, unpadded, atol=1e-5)
+    model.save_pretrained(str(tmp_path))
+    reloaded = MeanPooledClassifier.from_checkpoint(str(tmp_path)).eval()
+    with torch.no_grad():
+        again = reloaded(input_ids=ids[:, :3], attention_mask=torch.ones(1, 3, dtype=torch.long)).logits
+    assert torch.allclose(again, unpadded, atol=1e-5)

@@ -10,7 +10,7 @@ import yaml
 
 from trainers.data import load_dataset_dir
 from trainers.models import resolve_source
-from trainers.toolrag import PaddedBatches, ToolRAGConfig, tokenize_splits, train_fn_per_worker
+from trainers.toolrag import PaddedBatches, ToolRAGConfig, load_checkpoint, tokenize_splits, train_fn_per_worker
 
 TARGETS = {"tool_recall": {"value": 0.99, "tolerance": 0.01}, "tool_count": {"value": 3.97, "tolerance": 0.1}}
 TINY_PRESET = Path(__file__).resolve().parent.parent / "search_spaces" / "presets" / "toolrag" / "tiny.yaml"
@@ -67,7 +67,6 @@ def test_dynamic_padding_pads_to_the_longest_in_batch_and_counts_pad_tokens():
 def test_two_workers_report_metrics_of_the_whole_test_set_and_keep_one_checkpoint(ray_2_cpus, small_data_dir, tmp_path):
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-    from transformers import AutoModelForSequenceClassification
 
     data = _data(small_data_dir)
     trainer = TorchTrainer(
@@ -89,6 +88,6 @@ def test_two_workers_report_metrics_of_the_whole_test_set_and_keep_one_checkpoin
     assert metrics["best_paper_distance"] <= metrics["paper_distance"]
     checkpoints = list((tmp_path / "storage" / "two-workers").glob("checkpoint_*"))
     assert len(checkpoints) == 1
-    model = AutoModelForSequenceClassification.from_pretrained(checkpoints[0])
-    assert model.config.num_labels == 16
+    model, saved_config = load_checkpoint(str(checkpoints[0]))
+    assert model.config.num_labels == 16 and saved_config.pos_weight == 5.0
     assert (checkpoints[0] / "toolrag.json").is_file() and (checkpoints[0] / "tokenizer.json").is_file()

@@ -155,6 +155,8 @@ def load_split(path: Path, skip_invalid: bool = False) -> SplitReport:
         records = json.loads(text)
     except json.JSONDecodeError as error:
         raise DataError(f"{path}: not valid JSON: {error.msg} at line {error.lineno} column {error.colno}") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to be TinyAgent data") from None
     if not isinstance(records, dict):
         raise DataError(f"{path}: top level must be an object mapping record keys to records")
     for key, record in records.items():

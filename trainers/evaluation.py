@@ -25,7 +25,8 @@ def wilson_interval(successes: float, total: float, z: float = Z_95) -> tuple[fl
     denominator = 1 + z * z / total
     centre = (p + z * z / (2 * total)) / denominator
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # Rounding can put a bound a hair inside the estimate at p = 0 or 1; keep p inside.
+    return max(0.0, min(centre - half, p)), min(1.0, max(centre + half, p))
 
 
 def mean_interval(total: float, total_of_squares: float, count: float, z: float = Z_95) -> tuple[float, float]:

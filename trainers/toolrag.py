@@ -47,6 +47,10 @@ class ToolRAGConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model_path: str = Field(description="Local folder with weights and tokenizer, or with the tokenizer only when `architecture` is set.")
+    pooling: Literal["model", "mean"] = Field(
+        "model", description="model: the checkpoint's own sequence-classification head (DeBERTa's CLS pooler, "
+                             "as the paper and the released ToolRAG); mean: a linear head on mean-pooled tokens, "
+                             "which suits encoders trained as sentence embedders (MiniLM).")
     architecture: dict[str, Any] | None = Field(None, description="Build this config with random weights instead of loading weights.")
     num_hidden_layers: int | None = Field(None, ge=1, description="Keep only the first N encoder layers (speed on CPU).")
     max_length: int = Field(512, ge=8, le=4096, description="Token cap per input; the paper uses 512.")
@@ -73,20 +77,67 @@ class ToolRAGConfig(BaseModel):
         return self
 
 
+class MeanPooledClassifier(torch.nn.Module):
+    """Encoder + mean over non-pad tokens + one linear layer; the output has `.logits` like HF's.
+
+    Saved as the encoder's own folder plus `tool_head.pt`, so `from_checkpoint` rebuilds it.
+    """
+
+    HEAD_FILE = "tool_head.pt"
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.classifier = torch.nn.Linear(encoder.config.hidden_size, NUM_TOOLS)
+        self.config = encoder.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        return SequenceClassifierOutput(logits=self.classifier(pooled))
+
+    def save_pretrained(self, directory: str) -> None:
+        self.encoder.save_pretrained(directory)
+        torch.save(self.classifier.state_dict(), Path(directory) / self.HEAD_FILE)
+
+    @classmethod
+    def from_checkpoint(cls, directory: str) -> "MeanPooledClassifier":
+        from transformers import AutoModel
+
+        model = cls(AutoModel.from_pretrained(directory))
+        model.classifier.load_state_dict(torch.load(Path(directory) / cls.HEAD_FILE, weights_only=True))
+        return model
+
+
 def build_classifier(config: ToolRAGConfig) -> torch.nn.Module:
-    """A sequence classifier with 16 sigmoid outputs in TOOL_NAMES order."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    """A classifier with 16 sigmoid outputs in TOOL_NAMES order, from weights or from config."""
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
     labels = {"num_labels": NUM_TOOLS, "problem_type": "multi_label_classification",
               "id2label": dict(enumerate(TOOL_NAMES)), "label2id": {n: i for i, n in enumerate(TOOL_NAMES)}}
+    auto_class = AutoModelForSequenceClassification if config.pooling == "model" else AutoModel
     if config.architecture is not None:
-        model_config = config_from_dict({**config.architecture, **labels})
-        return AutoModelForSequenceClassification.from_config(model_config)
-    overrides = dict(labels)
-    if config.num_hidden_layers is not None:
-        overrides["num_hidden_layers"] = config.num_hidden_layers
-    model_config = AutoConfig.from_pretrained(config.model_path, **overrides)
-    return AutoModelForSequenceClassification.from_pretrained(config.model_path, config=model_config)
+        model = auto_class.from_config(config_from_dict({**config.architecture, **labels}))
+    else:
+        overrides = dict(labels)
+        if config.num_hidden_layers is not None:
+            overrides["num_hidden_layers"] = config.num_hidden_layers
+        model_config = AutoConfig.from_pretrained(config.model_path, **overrides)
+        model = auto_class.from_pretrained(config.model_path, config=model_config)
+    return model if config.pooling == "model" else MeanPooledClassifier(model)
+
+
+def load_checkpoint(directory: str) -> tuple[torch.nn.Module, ToolRAGConfig]:
+    """A trained classifier and its config from a checkpoint folder written by a trial."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = ToolRAGConfig.model_validate_json(Path(directory, "toolrag.json").read_text())
+    if config.pooling == "mean":
+        return MeanPooledClassifier.from_checkpoint(directory), config
+    return AutoModelForSequenceClassification.from_pretrained(directory), config
 
 
 def render_inputs(queries: list[str], template: str) -> list[str]:
@@ -174,20 +225,22 @@ def _evaluate(model, encoded: dict[str, Any], pad_id: int, config: ToolRAGConfig
     return counts.metrics()
 
 
+def uses_bf16(device: torch.device, config: ToolRAGConfig) -> bool:
+    """bf16 autocast on GPUs only: CPU bf16 kernels are slower than fp32 on most laptops."""
+    return config.bf16 and device.type == "cuda"
+
+
 def _autocast(device: torch.device, config: ToolRAGConfig):
-    enabled = config.bf16 and device.type == "cuda"
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=uses_bf16(device, config))
 
 
-def _save_checkpoint(model, config: ToolRAGConfig, directory: str, metrics: dict[str, float]) -> None:
+def _save_checkpoint(model, config: ToolRAGConfig, directory: str) -> None:
     from transformers import AutoTokenizer
 
     unwrapped = model.module if hasattr(model, "module") else model
     unwrapped.save_pretrained(directory)
     AutoTokenizer.from_pretrained(config.model_path).save_pretrained(directory)
-    Path(directory, "toolrag.json").write_text(
-        ToolRAGConfig.model_validate(config).model_dump_json(indent=2, exclude={"cache_dir"})
-    )
+    Path(directory, "toolrag.json").write_text(config.model_dump_json(indent=2))
 
 
 def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
@@ -279,7 +332,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         )
         if improved and rank == 0:
             with tempfile.TemporaryDirectory() as directory:
-                _save_checkpoint(model, config, directory, metrics)
+                _save_checkpoint(model, config, directory)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics)

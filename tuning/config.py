@@ -5,6 +5,7 @@ Every error names the file and the key, and becomes one line and exit code 2 in 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,10 +61,14 @@ def load_targets(model: str, path: Path = TARGETS_FILE) -> dict[str, dict[str, f
     raw = _read_yaml(path)
     if not isinstance(raw, dict) or model not in raw:
         raise UserError(f"{path}: no targets for model {model!r}")
-    try:
-        entries = {name: TargetEntry.model_validate(entry) for name, entry in raw[model].items()}
-    except ValidationError as error:
-        raise UserError(f"{path}: {model}.{_describe(error)}") from None
+    if not isinstance(raw[model], dict):
+        raise UserError(f"{path}: {model}: must map metric names to targets")
+    entries = {}
+    for name, entry in raw[model].items():
+        try:
+            entries[name] = TargetEntry.model_validate(entry)
+        except ValidationError as error:
+            raise UserError(f"{path}: {model}.{name}.{_describe(error)}") from None
     return {name: {"value": e.value, "tolerance": e.tolerance} for name, e in entries.items()}
 
 
@@ -114,6 +119,8 @@ class Parameter(Strict):
             return self
         if self.low is None or self.high is None:
             raise ValueError(f"{self.type} needs 'low' and 'high'")
+        if not (math.isfinite(self.low) and math.isfinite(self.high)):
+            raise ValueError("low and high must be finite numbers")
         if self.low >= self.high:
             raise ValueError(f"low ({self.low}) must be below high ({self.high})")
         if self.type == "loguniform" and self.low <= 0:

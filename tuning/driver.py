@@ -67,23 +67,29 @@ def train_fn_for(model: str) -> Callable[[dict[str, Any]], None]:
     raise ValueError(f"no trainer for model {model!r}")
 
 
+def scaling_config(workers: int, cpus_per_worker: float, gpus_per_worker: float):
+    """Train workers for one trial; with GPUs, Train picks NCCL and each worker its own device."""
+    from ray.train import ScalingConfig
+
+    resources = {"CPU": cpus_per_worker}
+    if gpus_per_worker:
+        resources["GPU"] = gpus_per_worker
+    return ScalingConfig(num_workers=workers, use_gpu=bool(gpus_per_worker), resources_per_worker=resources)
+
+
 def trial_driver(config: dict[str, Any], static: dict[str, Any]) -> None:
     """The Tune trainable: one trial = one TorchTrainer fit with this config."""
     from ray import tune
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = tune.get_context().get_trial_id()
-    resources = {"CPU": static["cpus_per_worker"]}
-    if static["gpus_per_worker"]:
-        resources["GPU"] = static["gpus_per_worker"]
     trainer = TorchTrainer(
         train_fn_for(static["model"]),
         train_loop_config={"trainer": {**static["trainer_base"], **config}, "data": static["data_ref"],
                            "data_fingerprint": static["data_fingerprint"]},
-        scaling_config=ScalingConfig(num_workers=static["workers_per_trial"], use_gpu=bool(static["gpus_per_worker"]),
-                                     resources_per_worker=resources),
+        scaling_config=scaling_config(static["workers_per_trial"], static["cpus_per_worker"], static["gpus_per_worker"]),
         run_config=RunConfig(
             # A stable name per trial lets a retried trial find its Train run again.
             name=f"{static['experiment_name']}-{trial_id}",

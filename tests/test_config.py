@@ -1,0 +1,297 @@
+"""Presets, search spaces and targets (tuning.config): shipped files load, bad files are named."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from trainers.toolrag import ToolRAGConfig
+from tuning import config
+from tuning.config import UserError, load_preset, load_search_space, load_targets
+
+REPO = Path(__file__).resolve().parent.parent
+SPACES = REPO / "search_spaces"
+PRESET_FILES = sorted((SPACES / "presets").glob("*/*.yaml"))
+SPACE_FILES = sorted(p for p in SPACES.glob("*.yaml") if p.name != "targets.yaml")
+
+
+def test_the_shipped_files_are_found():
+    assert {p.stem for p in PRESET_FILES} >= {"paper", "local", "tiny"}
+    assert {p.name for p in SPACE_FILES} >= {"toolrag.yaml"}
+
+
+def presets_using(space_file: Path) -> list[dict[str, Any]]:
+    """Trainer settings of every shipped preset whose search uses this space."""
+    found = []
+    for preset_file in PRESET_FILES:
+        raw = yaml.safe_load(preset_file.read_text())
+        if raw["search"]["space"] == space_file.name:
+            found.append(raw.get("trainer") or {})
+    return found
+
+
+# --- shipped files -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset_file", PRESET_FILES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_shipped_preset_loads(preset_file):
+    raw = yaml.safe_load(preset_file.read_text())
+    preset = load_preset(preset_file.parent.name, preset_file.stem)
+    assert preset.model.name_or_path == raw["model"]["name_or_path"]
+    assert preset.trainer == (raw.get("trainer") or {})
+    assert preset.search.num_samples == raw["search"]["num_samples"]
+    # The space it names is shipped, and accepts this preset's trainer settings.
+    space_path = SPACES / preset.search.space
+    assert space_path.is_file(), preset.search.space
+    load_search_space(preset_file.parent.name, space_path, preset.trainer)
+
+
+@pytest.mark.parametrize("space_file", SPACE_FILES, ids=lambda p: p.name)
+def test_every_shipped_space_loads(space_file):
+    raw = yaml.safe_load(space_file.read_text())
+    model = raw["model"]
+    for base_trainer in [{}, *presets_using(space_file)]:
+        space = load_search_space(model, space_file, base_trainer)
+        assert set(space.parameters) == set(raw["parameters"])
+        assert len(space.warm_start) == len(raw.get("warm_start") or [])
+
+
+@pytest.mark.parametrize("space_file", SPACE_FILES, ids=lambda p: p.name)
+def test_every_searched_key_is_a_toolrag_config_field(space_file):
+    raw = yaml.safe_load(space_file.read_text())
+    assert raw["model"] == "toolrag"
+    searched = set(raw["parameters"])
+    assert searched, "a space must search something"
+    assert searched <= set(ToolRAGConfig.model_fields), searched - set(ToolRAGConfig.model_fields)
+
+
+@pytest.mark.parametrize("space_file", SPACE_FILES, ids=lambda p: p.name)
+def test_shipped_warm_starts_include_the_reproduction_recipe(space_file):
+    """The public reproduction's pos_weight 60 and raw query are evaluated first."""
+    space = load_search_space("toolrag", space_file, {})
+    assert space.warm_start, space_file
+    assert space.warm_start[0]["pos_weight"] == 60.0
+    assert space.warm_start[0]["prompt_template"] == "query"
+
+
+def test_a_space_for_another_model_is_refused():
+    with pytest.raises(UserError) as caught:
+        load_search_space("planner", SPACES / "toolrag.yaml", {})
+    assert str(SPACES / "toolrag.yaml") in str(caught.value)
+
+
+# --- bad spaces ---------------------------------------------------------------------------------
+
+VALID_SPACE: dict[str, Any] = {
+    "model": "toolrag",
+    "parameters": {
+        "pos_weight": {"type": "loguniform", "low": 1.0, "high": 150.0},
+        "learning_rate": {"type": "loguniform", "low": 1.0e-5, "high": 3.0e-4},
+        "batch_size": {"type": "choice", "values": [16, 32]},
+        "warmup_ratio": {"type": "uniform", "low": 0.0, "high": 0.5},
+        "epochs": {"type": "randint", "low": 2, "high": 6},
+        "prompt_template": {"type": "choice", "values": ["query", "question"]},
+    },
+    "warm_start": [
+        {"pos_weight": 60.0, "learning_rate": 4.0e-5, "batch_size": 16, "warmup_ratio": 0.33, "epochs": 6,
+         "prompt_template": "query"},
+    ],
+}
+
+
+def write_space(folder: Path, space: Any) -> Path:
+    path = folder / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def test_the_valid_space_used_below_loads(tmp_path):
+    space = load_search_space("toolrag", write_space(tmp_path, VALID_SPACE), {})
+    assert set(space.parameters) == set(VALID_SPACE["parameters"])
+
+
+def mutated(edit) -> dict[str, Any]:
+    space = copy.deepcopy(VALID_SPACE)
+    edit(space)
+    return space
+
+
+def param(space: dict[str, Any], key: str) -> dict[str, Any]:
+    return space["parameters"][key]
+
+
+# (id, the space, text the message must contain besides the file path)
+BAD_SPACES = [
+    ("unknown-key", mutated(lambda s: s["parameters"].update(dropout={"type": "uniform", "low": 0.0, "high": 0.3})),
+     "parameters.dropout"),
+    ("driver-only-key", mutated(lambda s: s["parameters"].update(model_path={"type": "choice", "values": ["a"]})),
+     "parameters.model_path"),
+    ("low-equals-high", mutated(lambda s: param(s, "warmup_ratio").update(low=0.3, high=0.3)), "parameters.warmup_ratio"),
+    ("low-above-high", mutated(lambda s: param(s, "pos_weight").update(low=200.0)), "parameters.pos_weight"),
+    ("loguniform-low-zero", mutated(lambda s: param(s, "learning_rate").update(low=0.0)), "parameters.learning_rate"),
+    ("loguniform-low-negative", mutated(lambda s: param(s, "pos_weight").update(low=-1.0)), "parameters.pos_weight"),
+    # weight_decay may be 0 for the trainer, so only the loguniform rule can refuse this one.
+    ("loguniform-low-zero-where-zero-is-allowed",
+     mutated(lambda s: s["parameters"].update(weight_decay={"type": "loguniform", "low": 0.0, "high": 0.1})),
+     "parameters.weight_decay"),
+    ("range-without-high", mutated(lambda s: param(s, "pos_weight").pop("high")), "parameters.pos_weight"),
+    ("choice-without-values", mutated(lambda s: param(s, "batch_size").update(values=[])), "parameters.batch_size"),
+    ("unknown-parameter-type", mutated(lambda s: param(s, "pos_weight").update(type="normal")), "parameters.pos_weight"),
+    ("unknown-parameter-field", mutated(lambda s: param(s, "pos_weight").update(step=1.0)), "parameters.pos_weight"),
+    ("unknown-prompt-template", mutated(lambda s: param(s, "prompt_template")["values"].append("shouting")),
+     "parameters.prompt_template"),
+    ("unknown-prompt-template-named", mutated(lambda s: param(s, "prompt_template")["values"].append("shouting")),
+     "shouting"),
+    ("value-the-trainer-refuses", mutated(lambda s: param(s, "learning_rate").update(high=2.0)),
+     "parameters.learning_rate"),
+    ("warm-start-outside-range", mutated(lambda s: s["warm_start"][0].update(pos_weight=500.0)),
+     "warm_start[0].pos_weight"),
+    ("warm-start-not-a-choice", mutated(lambda s: s["warm_start"][0].update(batch_size=24)), "warm_start[0].batch_size"),
+    ("warm-start-missing-key", mutated(lambda s: s["warm_start"][0].pop("learning_rate")), "warm_start[0]"),
+    ("warm-start-missing-key-named", mutated(lambda s: s["warm_start"][0].pop("learning_rate")), "learning_rate"),
+    ("warm-start-extra-key", mutated(lambda s: s["warm_start"][0].update(seed=3)), "warm_start[0]"),
+    ("extra-top-level-field", mutated(lambda s: s.update(sampler="random")), "sampler"),
+    ("no-parameters", mutated(lambda s: s.update(parameters={}, warm_start=[])), "parameters"),
+    ("wrong-model", mutated(lambda s: s.update(model="planner")), "model"),
+]
+
+
+@pytest.mark.parametrize("space, expected", [case[1:] for case in BAD_SPACES], ids=[case[0] for case in BAD_SPACES])
+def test_bad_space_raises_user_error_naming_file_and_key(tmp_path, space, expected):
+    path = write_space(tmp_path, space)
+    with pytest.raises(UserError) as caught:
+        load_search_space("toolrag", path, {})
+    message = str(caught.value)
+    assert str(path) in message
+    assert expected in message
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["model: toolrag\nparameters: {pos_weight: {type: loguniform, low: 1.0, high: 150.0}\n",  # unclosed flow
+     "model: toolrag\nparameters:\n  pos_weight: [1, 2\n",
+     "model: toolrag\n\tparameters: {}\n"],  # a tab as indentation
+    ids=["unclosed-mapping", "unclosed-list", "tab-indent"],
+)
+def test_invalid_yaml_raises_user_error_naming_the_file(tmp_path, text):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    with pytest.raises(yaml.YAMLError):
+        yaml.safe_load(text)  # guard: the text really is invalid YAML
+    with pytest.raises(UserError) as caught:
+        load_search_space("toolrag", path, {})
+    assert str(path) in str(caught.value)
+    assert "YAML" in str(caught.value)
+
+
+def test_a_missing_space_file_raises_user_error(tmp_path):
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(UserError) as caught:
+        load_search_space("toolrag", path, {})
+    assert str(path) in str(caught.value)
+
+
+def test_a_base_trainer_setting_the_space_conflicts_with_is_reported(tmp_path):
+    """Every sampled value is checked together with the preset's trainer settings."""
+    path = write_space(tmp_path, VALID_SPACE)
+    with pytest.raises(UserError) as caught:
+        load_search_space("toolrag", path, {"max_length": 4})  # ToolRAGConfig needs >= 8
+    assert str(path) in str(caught.value) and "max_length" in str(caught.value)
+
+
+def test_an_infinite_bound_is_refused(tmp_path):
+    path = write_space(tmp_path, mutated(lambda s: param(s, "pos_weight").update(high=float("inf"))))
+    with pytest.raises(UserError) as caught:
+        load_search_space("toolrag", path, {})
+    assert "parameters.pos_weight" in str(caught.value)
+
+
+# --- bad presets ----------------------------------------------------------------------------------
+
+VALID_PRESET = {
+    "model": {"name_or_path": "microsoft/deberta-v3-small"},
+    "trainer": {"max_length": 128, "epochs": 2},
+    "search": {"space": "toolrag.yaml", "num_samples": 2},
+}
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (lambda p: p["trainer"].update(dropout=0.1), "dropout"),
+        (lambda p: p["trainer"].update(cache_dir="/tmp/x"), "cache_dir"),
+        (lambda p: p["trainer"].update(epochs=0), "epochs"),
+        (lambda p: p["search"].update(num_samples=0), "search.num_samples"),
+        (lambda p: p.update(extra=1), "extra"),
+        (lambda p: p["model"].update(architecture={"hidden_size": 8}), "model"),
+    ],
+    ids=["unknown-trainer-key", "driver-only-key", "trainer-value", "search-value", "extra-field", "architecture"],
+)
+def test_bad_preset_raises_user_error_naming_file_and_key(tmp_path, monkeypatch, edit, expected):
+    monkeypatch.setattr(config, "PRESETS_DIR", tmp_path)
+    (tmp_path / "toolrag").mkdir()
+    good = copy.deepcopy(VALID_PRESET)
+    (tmp_path / "toolrag" / "good.yaml").write_text(yaml.safe_dump(good))
+    assert load_preset("toolrag", "good").trainer == good["trainer"]  # guard: the base is valid
+    bad = copy.deepcopy(VALID_PRESET)
+    edit(bad)
+    path = tmp_path / "toolrag" / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(UserError) as caught:
+        load_preset("toolrag", "bad")
+    assert str(path) in str(caught.value)
+    assert expected in str(caught.value)
+
+
+# --- targets ------------------------------------------------------------------------------------
+
+
+def test_targets_are_the_paper_figures():
+    targets = load_targets("toolrag")
+    assert targets["tool_recall"]["value"] == pytest.approx(0.99)  # paper: ~99% recall
+    assert targets["tool_count"]["value"] == pytest.approx(3.97)  # paper: 3.97 tools per query
+    assert set(targets) == {"tool_recall", "tool_count"}
+    assert all(entry["tolerance"] > 0 for entry in targets.values())
+
+
+def test_targets_default_to_the_shipped_file():
+    assert load_targets("toolrag") == load_targets("toolrag", SPACES / "targets.yaml")
+
+
+def test_targets_fit_the_trainer_config():
+    """The driver passes them to ToolRAGConfig.targets unchanged."""
+    settings = {"model_path": ".", "cache_dir": ".", "targets": load_targets("toolrag")}
+    assert ToolRAGConfig.model_validate(settings).targets["tool_count"].value == pytest.approx(3.97)
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ({"planner": {"plan_success": {"value": 0.78, "tolerance": 0.03, "source": "x"}}}, "toolrag"),
+        ({"toolrag": {"tool_recall": {"value": 0.99, "tolerance": 0.0, "source": "x"}}}, "tolerance"),
+        ({"toolrag": {"tool_recall": {"value": 0.99, "tolerance": 0.01}}}, "source"),
+        ({"toolrag": {"tool_recall": {"value": 0.99, "tolerance": 0.01, "source": "x", "unit": "%"}}}, "unit"),
+    ],
+    ids=["model-missing", "zero-tolerance", "source-missing", "extra-field"],
+)
+def test_bad_targets_raise_user_error(tmp_path, content, expected):
+    path = tmp_path / "targets.yaml"
+    path.write_text(yaml.safe_dump(content))
+    with pytest.raises(UserError) as caught:
+        load_targets("toolrag", path)
+    assert str(path) in str(caught.value) and expected in str(caught.value)
+
+
+def test_bad_target_error_names_the_metric(tmp_path):
+    path = tmp_path / "targets.yaml"
+    path.write_text(yaml.safe_dump({"toolrag": {
+        "tool_recall": {"value": 0.99, "tolerance": 0.01, "source": "x"},
+        "tool_count": {"value": 3.97, "tolerance": 0.0, "source": "x"},
+    }}))
+    with pytest.raises(UserError) as caught:
+        load_targets("toolrag", path)
+    assert "toolrag.tool_count.tolerance" in str(caught.value)
