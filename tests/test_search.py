@@ -107,3 +107,26 @@ def test_the_readme_smoke_command_exits_0(tmp_path):
     assert "Closest to the paper" in completed.stdout
     client = MlflowClient(uri)
     assert client.get_model_version_by_alias("tinyagent-toolrag", "closest-to-paper")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_pareto_objective_runs_multi_objective_optuna_and_tags_the_front(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'p.db'}"
+    completed = subprocess.run(
+        [sys.executable, "tuning/search.py", "--model", "toolrag", "--smoke", "--objective", "pareto",
+         "--num-samples", "3", "--tracking-uri", uri, "--results-dir", str(tmp_path / "results"),
+         "--experiment-name", "pareto"],
+        cwd=PROJECT, capture_output=True, text=True, timeout=900,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "Pareto front (recall up, tools retrieved down)" in completed.stdout
+    _, trials = _runs(uri, "pareto", "trial")
+    front = [run for run in trials if run.data.tags.get("pareto_front") == "true"]
+    assert front
+    # No trial outside the front beats a front member on both recall and tools retrieved.
+    for member in front:
+        for other in trials:
+            better_recall = other.data.metrics["final_tool_recall"] > member.data.metrics["final_tool_recall"]
+            fewer_tools = other.data.metrics["final_tool_count"] < member.data.metrics["final_tool_count"]
+            assert not (better_recall and fewer_tools)
