@@ -150,28 +150,44 @@ def _token_cache_path(config: ToolRAGConfig, data_fingerprint: str) -> Path:
     return Path(config.cache_dir) / f"toolrag-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
 
 
+def pack_sequences(sequences: list[list[int]]) -> dict[str, torch.Tensor]:
+    """Token id lists as one flat tensor plus offsets: loads from disk ~10x faster than lists."""
+    lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
+    offsets = torch.zeros(len(sequences) + 1, dtype=torch.long)
+    offsets[1:] = torch.cumsum(lengths, dim=0)
+    flat = torch.tensor([token for s in sequences for token in s], dtype=torch.int32)
+    return {"flat": flat, "offsets": offsets}
+
+
+def load_cached_tokens(config: ToolRAGConfig, data_fingerprint: str) -> dict[str, Any] | None:
+    """The cached token ids for this (data, tokenizer, template, cap), or None on a miss."""
+    cache_path = _token_cache_path(config, data_fingerprint)
+    return torch.load(cache_path, weights_only=True) if cache_path.exists() else None
+
+
 def tokenize_splits(config: ToolRAGConfig, data: dict[str, Any], data_fingerprint: str) -> dict[str, Any]:
     """Token ids per split, computed once per (data, tokenizer, template, cap) and cached on disk.
 
-    Returns {"pad_id": int, "train": {"ids": [list[int]], "labels": Tensor}, "test": {...}}.
+    Returns {"pad_id": Tensor, "train": {"flat", "offsets", "labels"}, "test": {...}}.
     Concurrent trials may both miss the cache; each writes a temp file and renames it, so a
     reader never sees half a file.
     """
-    cache_path = _token_cache_path(config, data_fingerprint)
-    if cache_path.exists():
-        return torch.load(cache_path, weights_only=True)
+    cached = load_cached_tokens(config, data_fingerprint)
+    if cached is not None:
+        return cached
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(config.model_path)
     limits = {"train": config.max_train_examples, "test": config.max_eval_examples}
-    encoded: dict[str, Any] = {"pad_id": int(tokenizer.pad_token_id or 0)}
+    encoded: dict[str, Any] = {"pad_id": torch.tensor(int(tokenizer.pad_token_id or 0))}
     for split in ("train", "test"):
         queries, labels = data[split]["queries"], data[split]["labels"]
         if limits[split] is not None:
             queries, labels = queries[: limits[split]], labels[: limits[split]]
         ids = tokenizer(render_inputs(queries, config.prompt_template), truncation=True,
                         max_length=config.max_length)["input_ids"]
-        encoded[split] = {"ids": ids, "labels": torch.tensor(labels, dtype=torch.float32)}
+        encoded[split] = {**pack_sequences(ids), "labels": torch.tensor(labels, dtype=torch.float32)}
+    cache_path = _token_cache_path(config, data_fingerprint)
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(dir=cache_path.parent, suffix=".tmp")
     os.close(handle)
@@ -183,19 +199,22 @@ def tokenize_splits(config: ToolRAGConfig, data: dict[str, Any], data_fingerprin
 class PaddedBatches:
     """Collate function that pads to the longest sequence in the batch and counts pad tokens."""
 
-    def __init__(self, ids: list[list[int]], labels: torch.Tensor, pad_id: int):
-        self.ids, self.labels, self.pad_id = ids, labels, pad_id
+    def __init__(self, split: dict[str, torch.Tensor], pad_id: int):
+        self.flat, self.offsets, self.labels, self.pad_id = split["flat"], split["offsets"], split["labels"], pad_id
         self.pad_tokens = 0
         self.total_tokens = 0
 
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
     def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        longest = max(len(self.ids[i]) for i in indices)
+        starts, ends = self.offsets[indices], self.offsets[[i + 1 for i in indices]]
+        longest = int((ends - starts).max())
         input_ids = torch.full((len(indices), longest), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(indices), longest), dtype=torch.long)
-        for row, index in enumerate(indices):
-            sequence = self.ids[index]
-            input_ids[row, : len(sequence)] = torch.tensor(sequence)
-            attention_mask[row, : len(sequence)] = 1
+        for row, (start, end) in enumerate(zip(starts.tolist(), ends.tolist())):
+            input_ids[row, : end - start] = self.flat[start:end]
+            attention_mask[row, : end - start] = 1
         self.total_tokens += input_ids.numel()
         self.pad_tokens += input_ids.numel() - int(attention_mask.sum())
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": self.labels[indices]}
@@ -209,10 +228,10 @@ def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _evaluate(model, encoded: dict[str, Any], pad_id: int, config: ToolRAGConfig, device, rank: int, world: int):
+def _evaluate(model, split: dict[str, Any], pad_id: int, config: ToolRAGConfig, device, rank: int, world: int):
     """Score this worker's slice of the held-out set and all-reduce the sums."""
-    collate = PaddedBatches(encoded["ids"], encoded["labels"], pad_id)
-    mine = list(range(rank, len(encoded["ids"]), world))
+    collate = PaddedBatches(split, pad_id)
+    mine = list(range(rank, len(collate), world))
     counts = ToolRetrievalCounts.zeros()
     model.eval()
     with torch.no_grad(), _autocast(device, config):
@@ -269,18 +288,22 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(assigned_cpus)))
     torch.manual_seed(config.seed)
 
-    data = loop_config["data"]
-    if isinstance(data, ray.ObjectRef):
-        data = ray.get(data)
-    encoded = tokenize_splits(config, data, loop_config["data_fingerprint"])
+    # On a cache hit the raw queries are not even fetched from the object store.
+    encoded = load_cached_tokens(config, loop_config["data_fingerprint"])
+    if encoded is None:
+        data = loop_config["data"]
+        if isinstance(data, ray.ObjectRef):
+            data = ray.get(data)
+        encoded = tokenize_splits(config, data, loop_config["data_fingerprint"])
+    pad_id = int(encoded["pad_id"])
     data_prep_seconds = time.perf_counter() - started
 
     model = ray.train.torch.prepare_model(build_classifier(config))
     train_split = encoded["train"]
-    collate = PaddedBatches(train_split["ids"], train_split["labels"], encoded["pad_id"])
+    collate = PaddedBatches(train_split, pad_id)
     per_worker_batch = max(1, config.batch_size // world)
     loader = torch.utils.data.DataLoader(
-        list(range(len(train_split["ids"]))), batch_size=per_worker_batch, shuffle=True, collate_fn=collate,
+        list(range(len(collate))), batch_size=per_worker_batch, shuffle=True, collate_fn=collate,
         generator=torch.Generator().manual_seed(config.seed),
     )
     loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)
@@ -311,7 +334,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             loss_total += loss.item()
             batches += 1
 
-        metrics = _evaluate(model, encoded["test"], encoded["pad_id"], config, device, rank, world)
+        metrics = _evaluate(model, encoded["test"], pad_id, config, device, rank, world)
         metrics["paper_distance"] = paper_distance(metrics, targets)
         improved = metrics["paper_distance"] < best_distance
         best_distance = min(best_distance, metrics["paper_distance"])
@@ -325,7 +348,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             cpu_seconds=cost[0],
             gpu_seconds=(time.perf_counter() - started) * world if device.type == "cuda" else 0.0,
             padding_waste=cost[1] / max(cost[2], 1),
-            mean_input_tokens=sum(map(len, train_split["ids"])) / max(len(train_split["ids"]), 1),
+            mean_input_tokens=train_split["flat"].numel() / max(len(collate), 1),
             data_prep_seconds=data_prep_seconds,
             train_fn_seconds=time.perf_counter() - started,
             world_size=world,
