@@ -95,3 +95,27 @@ def test_two_workers_report_metrics_of_the_whole_test_set_and_keep_one_checkpoin
     model, saved_config = load_checkpoint(str(checkpoints[0]))
     assert model.config.num_labels == 16 and saved_config.pos_weight == 5.0
     assert (checkpoints[0] / "toolrag.json").is_file() and (checkpoints[0] / "tokenizer.json").is_file()
+
+
+def test_length_grouped_batches_cover_every_input_evenly_and_pad_less_than_random():
+    import random
+
+    from trainers.toolrag import length_grouped_batches
+
+    rng = random.Random(0)
+    lengths = [rng.randint(8, 64) for _ in range(1001)]
+    per_rank = [length_grouped_batches(lengths, 16, epoch=1, seed=0, rank=r, world=2) for r in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1]), "DDP needs the same number of steps on every worker"
+    seen = [i for batches in per_rank for batch in batches for i in batch]
+    assert set(seen) == set(range(len(lengths))) and len(seen) == 1002  # one index repeated to even out
+
+    def waste(batches):
+        padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+        return 1 - sum(lengths[i] for b in batches for i in b) / padded
+
+    shuffled = list(range(len(lengths)))
+    rng.shuffle(shuffled)
+    random_batches = [shuffled[i : i + 16] for i in range(0, len(shuffled), 16)]
+    assert waste(per_rank[0]) < waste(random_batches) / 3
+    # Another epoch gives another order.
+    assert length_grouped_batches(lengths, 16, epoch=2, seed=0, rank=0, world=2) != per_rank[0]

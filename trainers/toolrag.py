@@ -220,6 +220,26 @@ class PaddedBatches:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": self.labels[indices]}
 
 
+def length_grouped_batches(lengths: list[int], batch_size: int, epoch: int, seed: int, rank: int, world: int,
+                           group: int = 16) -> list[list[int]]:
+    """This worker's batches for one epoch: shuffled, then sorted by length within windows of
+    `group` batches, so a batch holds inputs of similar length and pads little.
+
+    Every worker gets the same number of batches (DDP's all-reduce would wait forever for a
+    worker that has one batch fewer): the shuffled order is padded by repeating its start
+    until it divides evenly, as DistributedSampler does.
+    """
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    order += order[: (-len(order)) % world]
+    mine = order[rank::world]
+    batches = []
+    for start in range(0, len(mine), batch_size * group):
+        window = sorted(mine[start : start + batch_size * group], key=lengths.__getitem__)
+        batches += [window[i : i + batch_size] for i in range(0, len(window), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
 def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         reduced = tensor.clone()
@@ -302,25 +322,21 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     train_split = encoded["train"]
     collate = PaddedBatches(train_split, pad_id)
     per_worker_batch = max(1, config.batch_size // world)
-    loader = torch.utils.data.DataLoader(
-        list(range(len(collate))), batch_size=per_worker_batch, shuffle=True, collate_fn=collate,
-        generator=torch.Generator().manual_seed(config.seed),
-    )
-    loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)
+    lengths = (train_split["offsets"][1:] - train_split["offsets"][:-1]).tolist()
+    steps_per_epoch = len(length_grouped_batches(lengths, per_worker_batch, 0, config.seed, rank, world))
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    total_steps = max(1, len(loader) * config.epochs)
+    total_steps = max(1, steps_per_epoch * config.epochs)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.full((NUM_TOOLS,), config.pos_weight, device=device))
     targets = {name: target.model_dump() for name, target in config.targets.items()}
     best_distance = math.inf
 
     for epoch in range(1, config.epochs + 1):
-        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
         loss_total, batches = 0.0, 0
         collate.pad_tokens = collate.total_tokens = 0
-        for batch in loader:
+        for indices in length_grouped_batches(lengths, per_worker_batch, epoch, config.seed, rank, world):
+            batch = collate(indices)
             with _autocast(device, config):
                 logits = model(input_ids=batch["input_ids"].to(device),
                                attention_mask=batch["attention_mask"].to(device)).logits
