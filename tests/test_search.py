@@ -74,6 +74,8 @@ def test_asha_stops_trials_and_the_closest_is_tagged_and_registered(smoke_search
     assert distances[0] == min(run.data.metrics["final_paper_distance"] for run in trials)
     version = client.get_model_version_by_alias("tinyagent-toolrag", "closest-to-paper")
     assert version.run_id == ranked[0].info.run_id
+    # Artifacts live beside the store in the results directory, not in the caller's ./mlruns.
+    assert version.source.startswith((smoke_search["root"] / "mlartifacts").as_uri())
     model_files = {Path(a.path).name for a in client.list_artifacts(version.run_id, "model")}
     assert {"config.json", "model.safetensors", "toolrag.json"} <= model_files
 

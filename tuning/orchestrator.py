@@ -176,8 +176,9 @@ def execute(prepared: PreparedSearch) -> int:
     started = time.time()
     prepared.results_dir.mkdir(parents=True, exist_ok=True)
     started_ray = driver.start_ray(request.address, request.ray_num_cpus)
+    artifacts = (prepared.results_dir / "mlartifacts").as_uri() if _sqlite_path(prepared.tracking_uri) else None
     tracker = SearchTracker(prepared.tracking_uri, prepared.experiment_name, "best_paper_distance",
-                            max_epochs=request.trainer_base["epochs"])
+                            max_epochs=request.trainer_base["epochs"], artifact_location=artifacts)
     parent_params = {
         "model": request.model, "preset": prepared.preset_name, "objective": request.objective,
         "num_samples": request.num_samples, "seed": request.seed, "workers_per_trial": request.workers_per_trial,
