@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-PROJECT = Path(__file__).resolve().parent.parent
 SEARCHED = ("pos_weight", "learning_rate", "batch_size", "prompt_template")
 
 
@@ -93,42 +89,3 @@ def test_no_placement_group_is_left_and_every_cpu_is_free(smoke_search, ray_2_cp
             break
         time.sleep(0.5)
     assert alive == [] and cpus == 2
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_the_readme_smoke_command_exits_0(tmp_path):
-    """The documented command, as a user types it, in a fresh process with its own Ray."""
-    uri = f"sqlite:///{tmp_path / 'x.db'}"
-    completed = subprocess.run(
-        [sys.executable, "tuning/search.py", "--model", "toolrag", "--smoke", "--tracking-uri", uri,
-         "--storage", str(tmp_path / "storage"), "--results-dir", str(tmp_path / "results")],
-        cwd=PROJECT, capture_output=True, text=True, timeout=900, env={**os.environ},
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    assert "Closest to the paper" in completed.stdout
-    client = MlflowClient(uri)
-    assert client.get_model_version_by_alias("tinyagent-toolrag", "closest-to-paper")
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_pareto_objective_runs_multi_objective_optuna_and_tags_the_front(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'p.db'}"
-    completed = subprocess.run(
-        [sys.executable, "tuning/search.py", "--model", "toolrag", "--smoke", "--objective", "pareto",
-         "--num-samples", "3", "--tracking-uri", uri, "--results-dir", str(tmp_path / "results"),
-         "--experiment-name", "pareto"],
-        cwd=PROJECT, capture_output=True, text=True, timeout=900,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    assert "Pareto front (recall up, tools retrieved down)" in completed.stdout
-    _, trials = _runs(uri, "pareto", "trial")
-    front = [run for run in trials if run.data.tags.get("pareto_front") == "true"]
-    assert front
-    # No trial outside the front beats a front member on both recall and tools retrieved.
-    for member in front:
-        for other in trials:
-            better_recall = other.data.metrics["final_tool_recall"] > member.data.metrics["final_tool_recall"]
-            fewer_tools = other.data.metrics["final_tool_count"] < member.data.metrics["final_tool_count"]
-            assert not (better_recall and fewer_tools)

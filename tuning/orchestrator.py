@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from trainers import synthetic
-from trainers.data import HUB_DATASET_ID, DataError, Dataset, load_dataset_dir
-from trainers.models import SourceUnavailable, resolve_source
+from trainers.data import HUB_DATASET_ID, Dataset, load_dataset_dir
+from trainers.models import resolve_source
 from tuning.config import (
-    PRESETS_DIR, SPACES_DIR, TARGETS_FILE, TRAINER_CONFIGS, UserError, check_trainer_settings, load_preset,
+    PRESETS_DIR, SPACES_DIR, TARGETS_FILE, TRAINER_CONFIGS, UserError, load_preset,
     load_search_space, load_targets,
 )
 from tuning.driver import SearchRequest
