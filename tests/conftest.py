@@ -32,3 +32,17 @@ def ray_2_cpus():
     start_ray(address=None, num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+def _trial_or_parent_runs(uri: str, experiment: str, kind: str):
+    """(client, runs) of one experiment whose tag `search` is 'trial' or 'parent'."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    return client, client.search_runs([experiment_id], f"tags.search = '{kind}'")
+
+
+@pytest.fixture
+def mlflow_runs():
+    return _trial_or_parent_runs

@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
 SEARCHED = ("pos_weight", "learning_rate", "batch_size", "prompt_template")
 
@@ -25,18 +24,13 @@ def smoke_search(ray_2_cpus, tmp_path_factory):
     return {"exit_code": exit_code, "uri": uri, "root": root}
 
 
-def _runs(uri: str, experiment: str, kind: str):
-    client = MlflowClient(uri)
-    experiment_id = client.get_experiment_by_name(experiment).experiment_id
-    return client, client.search_runs([experiment_id], f"tags.search = '{kind}'")
-
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_search_records_every_trial_in_mlflow(smoke_search):
+def test_search_records_every_trial_in_mlflow(smoke_search, mlflow_runs):
     assert smoke_search["exit_code"] == 0
-    client, trials = _runs(smoke_search["uri"], "smoke", "trial")
-    _, parents = _runs(smoke_search["uri"], "smoke", "parent")
+    client, trials = mlflow_runs(smoke_search["uri"], "smoke", "trial")
+    _, parents = mlflow_runs(smoke_search["uri"], "smoke", "parent")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
     assert parent.data.params["data_fingerprint"] and parent.data.tags["git_commit"]
@@ -61,8 +55,8 @@ def test_search_records_every_trial_in_mlflow(smoke_search):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_asha_stops_trials_and_the_closest_is_tagged_and_registered(smoke_search):
-    client, trials = _runs(smoke_search["uri"], "smoke", "trial")
+def test_asha_stops_trials_and_the_closest_is_tagged_and_registered(smoke_search, mlflow_runs):
+    client, trials = mlflow_runs(smoke_search["uri"], "smoke", "trial")
     stopped = [run for run in trials if run.data.tags.get("stopped_early") == "true"]
     assert stopped, "ASHA stopped no trial"
     assert all(run.data.metrics["epochs_completed"] < 3 for run in stopped)

@@ -18,11 +18,6 @@ from mlflow.tracking import MlflowClient
 PROJECT = Path(__file__).resolve().parent.parent
 
 
-def _runs(uri: str, experiment: str, kind: str):
-    client = MlflowClient(uri)
-    experiment_id = client.get_experiment_by_name(experiment).experiment_id
-    return client, client.search_runs([experiment_id], f"tags.search = '{kind}'")
-
 
 @pytest.mark.ray
 @pytest.mark.slow
@@ -42,7 +37,7 @@ def test_the_readme_smoke_command_exits_0(tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_pareto_objective_runs_multi_objective_optuna_and_tags_the_front(tmp_path):
+def test_pareto_objective_runs_multi_objective_optuna_and_tags_the_front(tmp_path, mlflow_runs):
     uri = f"sqlite:///{tmp_path / 'p.db'}"
     completed = subprocess.run(
         [sys.executable, "tuning/search.py", "--model", "toolrag", "--smoke", "--objective", "pareto",
@@ -52,7 +47,7 @@ def test_pareto_objective_runs_multi_objective_optuna_and_tags_the_front(tmp_pat
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "Pareto front (recall up, tools retrieved down)" in completed.stdout
-    _, trials = _runs(uri, "pareto", "trial")
+    _, trials = mlflow_runs(uri, "pareto", "trial")
     front = [run for run in trials if run.data.tags.get("pareto_front") == "true"]
     assert front
     # No trial outside the front beats a front member on both recall and tools retrieved.

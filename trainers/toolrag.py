@@ -273,12 +273,10 @@ def _autocast(device: torch.device, config: ToolRAGConfig):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=uses_bf16(device, config))
 
 
-def _save_checkpoint(model, config: ToolRAGConfig, directory: str) -> None:
-    from transformers import AutoTokenizer
-
+def _save_checkpoint(model, tokenizer, config: ToolRAGConfig, directory: str) -> None:
     unwrapped = model.module if hasattr(model, "module") else model
     unwrapped.save_pretrained(directory)
-    AutoTokenizer.from_pretrained(config.model_path).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
     Path(directory, "toolrag.json").write_text(config.model_dump_json(indent=2))
 
 
@@ -331,6 +329,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.full((NUM_TOOLS,), config.pos_weight, device=device))
     targets = {name: target.model_dump() for name, target in config.targets.items()}
     best_distance = math.inf
+    checkpoint_tokenizer = None
 
     for epoch in range(1, config.epochs + 1):
         loss_total, batches = 0.0, 0
@@ -370,8 +369,12 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             world_size=world,
         )
         if improved and rank == 0:
+            if checkpoint_tokenizer is None:  # loaded once, and only by the rank that saves
+                from transformers import AutoTokenizer
+
+                checkpoint_tokenizer = AutoTokenizer.from_pretrained(config.model_path)
             with tempfile.TemporaryDirectory() as directory:
-                _save_checkpoint(model, config, directory)
+                _save_checkpoint(model, checkpoint_tokenizer, config, directory)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics)
