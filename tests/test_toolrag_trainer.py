@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,8 @@ def test_length_grouped_batches_cover_every_input_evenly_and_pad_less_than_rando
     lengths = [rng.randint(8, 64) for _ in range(1001)]
     per_rank = [length_grouped_batches(lengths, 16, epoch=1, seed=0, rank=r, world=2) for r in range(2)]
     assert len(per_rank[0]) == len(per_rank[1]), "DDP needs the same number of steps on every worker"
+    # The trainer's learning-rate schedule counts steps as ceil(ceil(n / world) / batch).
+    assert len(per_rank[0]) == math.ceil(math.ceil(len(lengths) / 2) / 16)
     seen = [i for batches in per_rank for batch in batches for i in batch]
     assert set(seen) == set(range(len(lengths))) and len(seen) == 1002  # one index repeated to even out
 

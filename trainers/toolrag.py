@@ -321,7 +321,8 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     collate = PaddedBatches(train_split, pad_id)
     per_worker_batch = max(1, config.batch_size // world)
     lengths = (train_split["offsets"][1:] - train_split["offsets"][:-1]).tolist()
-    steps_per_epoch = len(length_grouped_batches(lengths, per_worker_batch, 0, config.seed, rank, world))
+    # Each worker gets ceil(n / world) inputs (see length_grouped_batches), cut into batches.
+    steps_per_epoch = math.ceil(math.ceil(len(lengths) / world) / per_worker_batch)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     total_steps = max(1, steps_per_epoch * config.epochs)

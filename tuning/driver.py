@@ -56,7 +56,6 @@ class SearchRequest:
     address: str | None
     callbacks: list[Any] = field(default_factory=list)
     trial_max_failures: int = 0
-    ray_num_cpus: int | None = None
 
 
 def train_fn_for(model: str) -> Callable[[dict[str, Any]], None]:

@@ -139,7 +139,6 @@ def prepare(args: argparse.Namespace) -> PreparedSearch:
     trainer_base = config_cls.model_validate(
         {**trainer_base, **(space.warm_start[0] if space.warm_start else {})}
     ).model_dump(exclude=set(space.parameters))
-    trainer_base["targets"] = targets
 
     data = {split: {"queries": [e.query for e in examples], "labels": [e.label_vector for e in examples]}
             for split, examples in (("train", dataset.train), ("test", dataset.test))}
@@ -175,9 +174,9 @@ def execute(prepared: PreparedSearch) -> int:
     request = prepared.request
     started = time.time()
     prepared.results_dir.mkdir(parents=True, exist_ok=True)
-    started_ray = driver.start_ray(request.address, request.ray_num_cpus)
+    started_ray = driver.start_ray(request.address)
     artifacts = (prepared.results_dir / "mlartifacts").as_uri() if _sqlite_path(prepared.tracking_uri) else None
-    tracker = SearchTracker(prepared.tracking_uri, prepared.experiment_name, "best_paper_distance",
+    tracker = SearchTracker(prepared.tracking_uri, prepared.experiment_name,
                             max_epochs=request.trainer_base["epochs"], artifact_location=artifacts)
     parent_params = {
         "model": request.model, "preset": prepared.preset_name, "objective": request.objective,

@@ -45,16 +45,13 @@ class TrialRecord:
 class SearchTracker:
     """Owns the parent run and the child runs; `callback()` plugs it into Tune."""
 
-    def __init__(self, tracking_uri: str, experiment_name: str, objective_metric: str, max_epochs: int,
-                 artifact_location: str | None = None):
+    def __init__(self, tracking_uri: str, experiment_name: str, max_epochs: int, artifact_location: str | None = None):
         """artifact_location: where a new experiment keeps artifacts. Left None, a sqlite store
         puts them in ./mlruns of whatever directory the search was started from."""
         self.client = MlflowClient(tracking_uri=tracking_uri)
-        self.tracking_uri = tracking_uri
         experiment = self.client.get_experiment_by_name(experiment_name)
         self.experiment_id = (experiment.experiment_id if experiment
                               else self.client.create_experiment(experiment_name, artifact_location=artifact_location))
-        self.objective_metric = objective_metric
         self.max_epochs = max_epochs
         self.parent_run_id: str | None = None
         self.trials: dict[str, TrialRecord] = {}
