@@ -85,11 +85,11 @@ def test_gpu_trials_ask_ray_for_gpus_and_cpu_trials_do_not():
 
 
 def test_bf16_autocast_is_on_for_cuda_only():
-    from trainers.toolrag import uses_bf16
+    from trainers.batching import uses_bf16
 
-    assert uses_bf16(torch.device("cuda", 0), _config(bf16=True))
-    assert not uses_bf16(torch.device("cpu"), _config(bf16=True))
-    assert not uses_bf16(torch.device("cuda", 0), _config(bf16=False))
+    assert uses_bf16(torch.device("cuda", 0), True)
+    assert not uses_bf16(torch.device("cpu"), True)
+    assert not uses_bf16(torch.device("cuda", 0), False)
 
 
 def test_mean_pooled_head_ignores_padding_and_survives_a_save_and_load(tmp_path):

@@ -11,9 +11,8 @@ import yaml
 
 from trainers.data import load_dataset_dir
 from trainers.models import resolve_source
-from trainers.toolrag import (
-    PaddedBatches, ToolRAGConfig, load_checkpoint, pack_sequences, tokenize_splits, train_fn_per_worker,
-)
+from trainers.batching import length_grouped_batches, pack_sequences
+from trainers.toolrag import PaddedBatches, ToolRAGConfig, load_checkpoint, tokenize_splits, train_fn_per_worker
 
 TARGETS = {"tool_recall": {"value": 0.99, "tolerance": 0.01}, "tool_count": {"value": 3.97, "tolerance": 0.1}}
 TINY_PRESET = Path(__file__).resolve().parent.parent / "search_spaces" / "presets" / "toolrag" / "tiny.yaml"
@@ -101,7 +100,6 @@ def test_two_workers_report_metrics_of_the_whole_test_set_and_keep_one_checkpoin
 def test_length_grouped_batches_cover_every_input_evenly_and_pad_less_than_random():
     import random
 
-    from trainers.toolrag import length_grouped_batches
 
     rng = random.Random(0)
     lengths = [rng.randint(8, 64) for _ in range(1001)]

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from trainers.batching import all_reduce_sum, autocast, length_grouped_batches, pack_sequences
 from trainers.evaluation import ToolRetrievalCounts, paper_distance
 from trainers.models import config_from_dict
 from trainers.tools import NUM_TOOLS, TOOL_NAMES
@@ -150,15 +151,6 @@ def _token_cache_path(config: ToolRAGConfig, data_fingerprint: str) -> Path:
     return Path(config.cache_dir) / f"toolrag-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
 
 
-def pack_sequences(sequences: list[list[int]]) -> dict[str, torch.Tensor]:
-    """Token id lists as one flat tensor plus offsets: loads from disk ~10x faster than lists."""
-    lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
-    offsets = torch.zeros(len(sequences) + 1, dtype=torch.long)
-    offsets[1:] = torch.cumsum(lengths, dim=0)
-    flat = torch.tensor([token for s in sequences for token in s], dtype=torch.int32)
-    return {"flat": flat, "offsets": offsets}
-
-
 def load_cached_tokens(config: ToolRAGConfig, data_fingerprint: str) -> dict[str, Any] | None:
     """The cached token ids for this (data, tokenizer, template, cap), or None on a miss."""
     cache_path = _token_cache_path(config, data_fingerprint)
@@ -220,57 +212,20 @@ class PaddedBatches:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": self.labels[indices]}
 
 
-def length_grouped_batches(lengths: list[int], batch_size: int, epoch: int, seed: int, rank: int, world: int,
-                           group: int = 16) -> list[list[int]]:
-    """This worker's batches for one epoch: shuffled, then sorted by length within windows of
-    `group` batches, so a batch holds inputs of similar length and pads little.
-
-    Every worker gets the same number of batches (DDP's all-reduce would wait forever for a
-    worker that has one batch fewer): the shuffled order is padded by repeating its start
-    until it divides evenly, as DistributedSampler does.
-    """
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(len(lengths), generator=generator).tolist()
-    order += order[: (-len(order)) % world]
-    mine = order[rank::world]
-    batches = []
-    for start in range(0, len(mine), batch_size * group):
-        window = sorted(mine[start : start + batch_size * group], key=lengths.__getitem__)
-        batches += [window[i : i + batch_size] for i in range(0, len(window), batch_size)]
-    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-
-
-def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        reduced = tensor.clone()
-        torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.SUM)
-        return reduced
-    return tensor
-
-
 def _evaluate(model, split: dict[str, Any], pad_id: int, config: ToolRAGConfig, device, rank: int, world: int):
     """Score this worker's slice of the held-out set and all-reduce the sums."""
     collate = PaddedBatches(split, pad_id)
     mine = list(range(rank, len(collate), world))
     counts = ToolRetrievalCounts.zeros()
     model.eval()
-    with torch.no_grad(), _autocast(device, config):
+    with torch.no_grad(), autocast(device, config.bf16):
         for start in range(0, len(mine), config.eval_batch_size):
             batch = collate(mine[start : start + config.eval_batch_size])
             logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
             counts.update(torch.sigmoid(logits.float()), batch["labels"], config.threshold)
     model.train()
-    counts.sums = _all_reduce_sum(counts.sums.to(device)).cpu()
+    counts.sums = all_reduce_sum(counts.sums.to(device)).cpu()
     return counts.metrics()
-
-
-def uses_bf16(device: torch.device, config: ToolRAGConfig) -> bool:
-    """bf16 autocast on GPUs only: CPU bf16 kernels are slower than fp32 on most laptops."""
-    return config.bf16 and device.type == "cuda"
-
-
-def _autocast(device: torch.device, config: ToolRAGConfig):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=uses_bf16(device, config))
 
 
 def _save_checkpoint(model, tokenizer, config: ToolRAGConfig, directory: str) -> None:
@@ -337,7 +292,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         collate.pad_tokens = collate.total_tokens = 0
         for indices in length_grouped_batches(lengths, per_worker_batch, epoch, config.seed, rank, world):
             batch = collate(indices)
-            with _autocast(device, config):
+            with autocast(device, config.bf16):
                 logits = model(input_ids=batch["input_ids"].to(device),
                                attention_mask=batch["attention_mask"].to(device)).logits
             loss = loss_fn(logits.float(), batch["labels"].to(device))
@@ -354,7 +309,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         metrics["paper_distance"] = paper_distance(metrics, targets)
         improved = metrics["paper_distance"] < best_distance
         best_distance = min(best_distance, metrics["paper_distance"])
-        cost = _all_reduce_sum(torch.tensor(
+        cost = all_reduce_sum(torch.tensor(
             [time.process_time() - cpu_started, collate.pad_tokens, collate.total_tokens, loss_total, batches],
             dtype=torch.float64, device=device)).cpu().tolist()
         metrics.update(

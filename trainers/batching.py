@@ -1,0 +1,52 @@
+"""Pieces both trainers' workers share: packed token storage, length-grouped batches that
+keep DDP ranks in step, cross-worker sums, and bf16 autocast on GPUs only."""
+
+from __future__ import annotations
+
+import torch
+
+
+def pack_sequences(sequences: list[list[int]]) -> dict[str, torch.Tensor]:
+    """Token id lists as one flat tensor plus offsets: loads from disk ~10x faster than lists."""
+    lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
+    offsets = torch.zeros(len(sequences) + 1, dtype=torch.long)
+    offsets[1:] = torch.cumsum(lengths, dim=0)
+    flat = torch.tensor([token for s in sequences for token in s], dtype=torch.int32)
+    return {"flat": flat, "offsets": offsets}
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, epoch: int, seed: int, rank: int, world: int,
+                           group: int = 16) -> list[list[int]]:
+    """This worker's batches for one epoch: shuffled, then sorted by length within windows of
+    `group` batches, so a batch holds inputs of similar length and pads little.
+
+    Every worker gets the same number of batches (DDP's all-reduce would wait forever for a
+    worker that has one batch fewer): the shuffled order is padded by repeating its start
+    until it divides evenly, as DistributedSampler does.
+    """
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    order += order[: (-len(order)) % world]
+    mine = order[rank::world]
+    batches = []
+    for start in range(0, len(mine), batch_size * group):
+        window = sorted(mine[start : start + batch_size * group], key=lengths.__getitem__)
+        batches += [window[i : i + batch_size] for i in range(0, len(window), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        reduced = tensor.clone()
+        torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.SUM)
+        return reduced
+    return tensor
+
+
+def uses_bf16(device: torch.device, enabled: bool) -> bool:
+    """bf16 autocast on GPUs only: CPU bf16 kernels are slower than fp32 on most laptops."""
+    return enabled and device.type == "cuda"
+
+
+def autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=uses_bf16(device, enabled))
