@@ -12,17 +12,22 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from trainers.planner import PlannerConfig
+from trainers.planner_base import BaseBuildSettings
+from trainers.planner_prompts import PLANNER_TEMPLATES
 from trainers.toolrag import TOOLRAG_TEMPLATES, ToolRAGConfig
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 PRESETS_DIR = SPACES_DIR / "presets"
 TARGETS_FILE = SPACES_DIR / "targets.yaml"
-MODELS = ("toolrag",)
+MODELS = ("toolrag", "planner")
 PRESETS = ("paper", "local", "tiny")
 # Keys a preset or the driver sets, never a search: where the model and caches live.
 NOT_SEARCHABLE = {"model_path", "architecture", "cache_dir", "targets"}
-TRAINER_CONFIGS: dict[str, type[BaseModel]] = {"toolrag": ToolRAGConfig}
-TEMPLATES: dict[str, dict[str, str]] = {"toolrag": TOOLRAG_TEMPLATES}
+TRAINER_CONFIGS: dict[str, type[BaseModel]] = {"toolrag": ToolRAGConfig, "planner": PlannerConfig}
+TEMPLATES: dict[str, tuple[str, ...]] = {"toolrag": tuple(TOOLRAG_TEMPLATES), "planner": PLANNER_TEMPLATES}
+# The paper's figures each model's trainer is scored against (names in targets.yaml).
+TARGET_METRICS = {"toolrag": ("tool_recall", "tool_count"), "planner": ("plan_success", "plan_success_with_toolrag")}
 
 
 class UserError(ValueError):
@@ -73,13 +78,22 @@ def load_targets(model: str, path: Path = TARGETS_FILE) -> dict[str, dict[str, f
 
 
 class ModelSource(Strict):
-    name_or_path: str = Field(description="Hub id, local folder, or package:<module>/<folder>.")
+    name_or_path: str | None = Field(None, description="Hub id, local folder, or package:<module>/<folder>.")
     architecture: dict[str, Any] | None = Field(None, description="Random-init architecture; the folder then only supplies the tokenizer.")
+    build_base: BaseBuildSettings | None = Field(
+        None, description="Planner only: build the base here (tokenizer + pre-training on prompts) from `architecture`.")
 
     @model_validator(mode="after")
     def _check(self) -> "ModelSource":
         if self.architecture is not None and "model_type" not in self.architecture:
             raise ValueError("architecture needs a model_type")
+        if self.build_base is not None:
+            if self.architecture is None:
+                raise ValueError("build_base needs an architecture to build")
+            if self.name_or_path is not None:
+                raise ValueError("give name_or_path or build_base, not both")
+        elif self.name_or_path is None:
+            raise ValueError("name_or_path is required (or build_base with an architecture)")
         return self
 
 
@@ -149,8 +163,10 @@ class SearchSpace(Strict):
 
 def _trainer_probe(model: str) -> dict[str, Any]:
     """Placeholders for the fields only the driver knows, so a preset can be checked alone."""
-    return {"model_path": ".", "cache_dir": ".", "targets": {name: {"value": 0.5, "tolerance": 1.0}
-                                                              for name in ("tool_recall", "tool_count")}}
+    probe = {"model_path": ".", "targets": {name: {"value": 0.5, "tolerance": 1.0} for name in TARGET_METRICS[model]}}
+    if "cache_dir" in TRAINER_CONFIGS[model].model_fields:
+        probe["cache_dir"] = "."
+    return probe
 
 
 def check_trainer_settings(model: str, settings: dict[str, Any], source: str) -> None:
@@ -172,6 +188,10 @@ def load_preset(model: str, preset: str) -> Preset:
     except ValidationError as error:
         raise UserError(f"{path}: {_describe(error)}") from None
     check_trainer_settings(model, loaded.trainer, f"{path}: trainer")
+    if model != "planner" and loaded.model.build_base is not None:
+        raise UserError(f"{path}: model.build_base: only the planner builds its own base")
+    if model == "planner" and loaded.model.architecture is not None and loaded.model.build_base is None:
+        raise UserError(f"{path}: model.architecture: the planner builds from an architecture only with build_base")
     return loaded
 
 

@@ -63,7 +63,19 @@ def train_fn_for(model: str) -> Callable[[dict[str, Any]], None]:
         from trainers.toolrag import train_fn_per_worker
 
         return train_fn_per_worker
+    if model == "planner":
+        from trainers.planner import train_fn_per_worker
+
+        return train_fn_per_worker
     raise ValueError(f"no trainer for model {model!r}")
+
+
+def max_epochs(trainer_base: dict[str, Any], param_space: dict[str, dict[str, Any]]) -> int:
+    """The most epochs any trial can run: fixed in the trainer base, or the top of a searched range."""
+    spec = param_space.get("epochs")
+    if spec is None:
+        return int(trainer_base["epochs"])
+    return int(max(spec["values"])) if spec["type"] == "choice" else int(spec["high"])
 
 
 def scaling_config(workers: int, cpus_per_worker: float, gpus_per_worker: float):
@@ -189,7 +201,7 @@ def run_search(request: SearchRequest):
                             sampler=sampler)
     # ASHA needs one scalar: the distance to the paper, best epoch so far, in both modes.
     scheduler = ASHAScheduler(time_attr="training_iteration", metric="best_paper_distance", mode="min",
-                              max_t=request.trainer_base["epochs"], grace_period=request.grace_period,
+                              max_t=max_epochs(request.trainer_base, request.param_space), grace_period=request.grace_period,
                               reduction_factor=request.reduction_factor)
     storage = Path(request.storage_path)
     static = {

@@ -20,6 +20,7 @@ from typing import Any
 from trainers import synthetic
 from trainers.data import HUB_DATASET_ID, Dataset, load_dataset_dir
 from trainers.models import resolve_source
+from trainers.planner_base import base_cache_dir
 from tuning.config import (
     PRESETS_DIR, SPACES_DIR, TARGETS_FILE, TRAINER_CONFIGS, UserError, load_preset,
     load_search_space, load_targets,
@@ -27,7 +28,7 @@ from tuning.config import (
 from tuning.driver import SearchRequest
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
-REGISTERED_MODEL = {"toolrag": "tinyagent-toolrag"}
+REGISTERED_MODEL = {"toolrag": "tinyagent-toolrag", "planner": "tinyagent-planner"}
 EXPERIMENT_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
@@ -44,6 +45,7 @@ class PreparedSearch:
     files: list[Path]
     top_k: int
     fixed_params: dict[str, Any]
+    base_build: dict[str, Any] | None = None
 
 
 def _git_commit() -> str:
@@ -72,6 +74,33 @@ def _load_data(args: argparse.Namespace, preset, results_dir: Path) -> Dataset:
         folder = resolve_source(args.data, "dataset", "--data")
         return load_dataset_dir(folder, skip_invalid=args.skip_invalid)
     raise UserError(f"--data {args.data}: no such directory (or pass the hub id {HUB_DATASET_ID})")
+
+
+def trial_data(model: str, dataset: Dataset) -> dict[str, Any]:
+    """What each trial's workers read, per split: only the fields the model's trainer needs."""
+    if model == "toolrag":
+        return {split: {"queries": [e.query for e in examples], "labels": [e.label_vector for e in examples]}
+                for split, examples in (("train", dataset.train), ("test", dataset.test))}
+    return {split: [{"messages": [list(m) for m in e.messages], "plan": e.plan} for e in examples]
+            for split, examples in (("train", dataset.train), ("test", dataset.test))}
+
+
+def _check_chat_template(model_path: Path, space, trainer_base: dict[str, Any]) -> None:
+    """The `chat` template needs a tokenizer with a chat template; say so before any trial fails.
+
+    A base still to be built always gets one, so only existing folders are checked.
+    """
+    template = space.parameters.get("prompt_template")
+    templates = set(template.values if template is not None and template.values else [])
+    templates.add(trainer_base.get("prompt_template", ""))
+    config_file = Path(model_path) / "tokenizer_config.json"
+    if "chat" not in templates or not config_file.exists():
+        return
+    has_template = (Path(model_path) / "chat_template.jinja").exists() or bool(
+        json.loads(config_file.read_text()).get("chat_template"))
+    if not has_template:
+        raise UserError(f"{model_path}: the tokenizer has no chat template, so prompt_template 'chat' cannot be "
+                        "used; remove 'chat' from the search space")
 
 
 def _sqlite_path(tracking_uri: str) -> Path | None:
@@ -105,6 +134,8 @@ def prepare(args: argparse.Namespace) -> PreparedSearch:
         raise UserError(f"--cpus-per-worker {args.cpus_per_worker}: must be above 0")
     if args.gpus_per_worker < 0:
         raise UserError(f"--gpus-per-worker {args.gpus_per_worker}: must not be negative")
+    if args.objective == "pareto" and args.model != "toolrag":
+        raise UserError("--objective pareto: trades tool recall against tools retrieved, so it is for --model toolrag only")
     experiment_name = args.experiment_name or f"tinyagent-{args.model}-{preset_name}"
     if not EXPERIMENT_NAME_PATTERN.match(experiment_name):
         raise UserError(f"--experiment-name {experiment_name!r}: use letters, digits, '.', '_' and '-' only")
@@ -125,23 +156,29 @@ def prepare(args: argparse.Namespace) -> PreparedSearch:
     elif not tracking_uri.startswith(("http://", "https://", "databricks")):
         raise UserError(f"--tracking-uri {tracking_uri}: expected sqlite:////abs/path.db or http(s)://host:port")
 
+    builds_base = preset.model.build_base is not None and args.model_path is None
     model_source = args.model_path or preset.model.name_or_path
-    model_path = resolve_source(model_source, "model", "--model-path")
+    model_path = None if builds_base else resolve_source(model_source, "model", "--model-path")
     dataset = _load_data(args, preset, results_dir)
     if dataset.skipped_invalid:
         print(f"[data] --skip-invalid: left out {dataset.skipped_invalid} invalid records", flush=True)
     if dataset.skipped_without_plan:
         print(f"[data] left out {dataset.skipped_without_plan} records without a plan point", flush=True)
+    if builds_base:
+        model_path = base_cache_dir(results_dir / "cache", dataset.fingerprint, preset.model.architecture,
+                                    preset.model.build_base)
+        model_source = f"built from config: {model_path}"
 
-    trainer_base = {**preset.trainer, "model_path": str(model_path), "architecture": preset.model.architecture,
-                    "cache_dir": str(results_dir / "cache" / "tokens"), "targets": targets}
+    trainer_base = {**preset.trainer, "model_path": str(model_path), "targets": targets}
+    if args.model == "toolrag":
+        trainer_base.update(architecture=preset.model.architecture, cache_dir=str(results_dir / "cache" / "tokens"))
     config_cls = TRAINER_CONFIGS[args.model]
     trainer_base = config_cls.model_validate(
         {**trainer_base, **(space.warm_start[0] if space.warm_start else {})}
     ).model_dump(exclude=set(space.parameters))
-
-    data = {split: {"queries": [e.query for e in examples], "labels": [e.label_vector for e in examples]}
-            for split, examples in (("train", dataset.train), ("test", dataset.test))}
+    if args.model == "planner":
+        _check_chat_template(model_path, space, trainer_base)
+    data = trial_data(args.model, dataset)
     run_name = f"{experiment_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     request = SearchRequest(
         model=args.model, experiment_name=run_name, storage_path=storage, trainer_base=trainer_base,
@@ -156,12 +193,33 @@ def prepare(args: argparse.Namespace) -> PreparedSearch:
     )
     fixed = {k: v for k, v in trainer_base.items() if k not in ("targets", "cache_dir", "architecture")}
     fixed.update(model_source=model_source, preset=preset_name, data_fingerprint=dataset.fingerprint)
+    base_build = None
+    if builds_base:
+        base_build = {"target": model_path, "architecture": preset.model.architecture,
+                      "settings": preset.model.build_base}
     return PreparedSearch(
-        request=request, tracking_uri=tracking_uri, results_dir=results_dir, run_name=run_name,
+        request=request, base_build=base_build, tracking_uri=tracking_uri, results_dir=results_dir, run_name=run_name,
         experiment_name=experiment_name, preset_name=preset_name, targets=targets, dataset=dataset,
         files=[space_path, PRESETS_DIR / args.model / f"{preset_name}.yaml", TARGETS_FILE],
         top_k=args.top_k, fixed_params=fixed,
     )
+
+
+def _build_planner_base(prepared: PreparedSearch) -> None:
+    """Build the local planner base once, before Ray starts, using every core of this machine."""
+    import torch
+
+    from trainers.planner_base import build_base
+
+    build = prepared.base_build
+    if (Path(build["target"]) / "base.json").exists():
+        print(f"[base] using the local planner base cached in {build['target']}", flush=True)
+        return
+    torch.set_num_threads(os.cpu_count() or 1)
+    system_prompts = [content for e in prepared.dataset.train for role, content in e.messages if role == "system"]
+    questions = [content for e in prepared.dataset.train for role, content in e.messages if role != "system"]
+    build_base(Path(build["target"]), system_prompts, questions, build["architecture"], build["settings"],
+               progress=lambda line: print(line, flush=True))
 
 
 def execute(prepared: PreparedSearch) -> int:
@@ -174,10 +232,13 @@ def execute(prepared: PreparedSearch) -> int:
     request = prepared.request
     started = time.time()
     prepared.results_dir.mkdir(parents=True, exist_ok=True)
+    if prepared.base_build is not None:
+        _build_planner_base(prepared)
     started_ray = driver.start_ray(request.address)
     artifacts = (prepared.results_dir / "mlartifacts").as_uri() if _sqlite_path(prepared.tracking_uri) else None
     tracker = SearchTracker(prepared.tracking_uri, prepared.experiment_name,
-                            max_epochs=request.trainer_base["epochs"], artifact_location=artifacts)
+                            max_epochs=driver.max_epochs(request.trainer_base, request.param_space),
+                            artifact_location=artifacts)
     parent_params = {
         "model": request.model, "preset": prepared.preset_name, "objective": request.objective,
         "num_samples": request.num_samples, "seed": request.seed, "workers_per_trial": request.workers_per_trial,
@@ -221,8 +282,14 @@ def execute(prepared: PreparedSearch) -> int:
             ray.shutdown()
 
     print()
+    paper_figures = ({"plan_success": prepared.targets[request.trainer_base.get("paper_target", "plan_success")]["value"]}
+                     if request.model == "planner" else None)
     print(report.format_table(ranked[: prepared.top_k], prepared.targets,
-                              f"Closest to the paper (best epoch of each trial, {len(ranked)} trials scored):"))
+                              f"Closest to the paper (best epoch of each trial, {len(ranked)} trials scored):",
+                              model=request.model, paper_figures=paper_figures))
+    if "prompt_template" in request.param_space:
+        headline = report.FIGURES[request.model][0]
+        print(report.format_template_summary(report.best_per_template(ranked, headline), headline))
     if request.objective == "pareto":
         print(report.format_table(front, prepared.targets, "Pareto front (recall up, tools retrieved down):"))
     print(f"\n{totals['trials_finished']} finished ({totals['trials_stopped_early']} stopped early by ASHA), "

@@ -1,10 +1,16 @@
-"""The closing table: the closest trials beside the paper's figures, and the Pareto front."""
+"""The closing table: the closest trials beside the paper's figures, the Pareto front, and the
+best figure each prompt template reached."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from tuning.tracking import TrialRecord
 
 RECALL, COUNT = "tool_recall", "tool_count"
+# The headline figures of each model's table, and extra columns shown after them.
+FIGURES = {"toolrag": (RECALL, COUNT), "planner": ("plan_success",)}
+EXTRAS = {"toolrag": (), "planner": ("tool_set_accuracy", "plan_parse_rate", "eval_examples")}
 
 
 def pareto_front(records: list[TrialRecord]) -> list[TrialRecord]:
@@ -25,25 +31,60 @@ def _inside(value: float, low: float, high: float) -> str:
     return "yes" if low <= value <= high else "no"
 
 
-def format_table(records: list[TrialRecord], targets: dict[str, dict[str, float]], title: str) -> str:
-    """One line per trial: searched params, best-epoch figures with 95% CIs, and whether the
-    paper's figure lies inside each interval."""
-    recall_target, count_target = targets[RECALL]["value"], targets[COUNT]["value"]
-    lines = [
-        title,
-        f"  paper: tool_recall {recall_target:.3f}, tool_count {count_target:.2f}",
-        f"  {'rank':>4}  {'trial':<11} {'distance':>8}  {'recall [95% CI]':<22} {'paper in':>8}  "
-        f"{'count [95% CI]':<22} {'paper in':>8}  {'epoch':>5}  params",
-    ]
+def _number(value: float) -> str:
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:.3f}"
+
+
+def format_table(records: list[TrialRecord], targets: dict[str, dict[str, float]], title: str,
+                 model: str = "toolrag", paper_figures: dict[str, float] | None = None) -> str:
+    """One line per trial: best-epoch figures with 95% CIs, whether the paper's figure lies
+    inside each interval, the model's extra columns, and the searched params.
+
+    paper_figures: {metric: paper value} when a metric is scored against a differently named
+    target (the planner's plan_success against 0.78 or 0.8006); default: targets[metric].
+    """
+    figures = FIGURES[model]
+    paper = {m: (paper_figures or {}).get(m, targets.get(m, {}).get("value")) for m in figures}
+    header = f"  {'rank':>4}  {'trial':<11} {'distance':>8}  "
+    header += "".join(f"{m + ' [95% CI]':<26} {'paper in':>8}  " for m in figures)
+    header += "".join(f"{extra:>{max(len(extra), 8)}}  " for extra in EXTRAS[model]) + f"{'epoch':>5}  params"
+    lines = [title, "  paper: " + ", ".join(f"{m} {paper[m]:.4g}" for m in figures), header]
     for rank, record in enumerate(records, start=1):
         best = record.best
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(record.params.items()))
-        recall_ci = f"{best[RECALL]:.3f} [{best['tool_recall_ci_low']:.3f}, {best['tool_recall_ci_high']:.3f}]"
-        count_ci = f"{best[COUNT]:.2f} [{best['tool_count_ci_low']:.2f}, {best['tool_count_ci_high']:.2f}]"
-        lines.append(
-            f"  {rank:>4}  {record.trial_id:<11} {best['paper_distance']:>8.2f}  {recall_ci:<22} "
-            f"{_inside(recall_target, best['tool_recall_ci_low'], best['tool_recall_ci_high']):>8}  {count_ci:<22} "
-            f"{_inside(count_target, best['tool_count_ci_low'], best['tool_count_ci_high']):>8}  "
-            f"{int(best['epoch']):>5}  {params}"
-        )
+        line = f"  {rank:>4}  {record.trial_id:<11} {best['paper_distance']:>8.2f}  "
+        for metric in figures:
+            low, high = best[f"{metric}_ci_low"], best[f"{metric}_ci_high"]
+            digits = 2 if metric == COUNT else 3
+            cell = f"{best[metric]:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+            line += f"{cell:<26} {_inside(paper[metric], low, high):>8}  "
+        for extra in EXTRAS[model]:
+            value = best.get(extra)
+            line += f"{_number(value) if value is not None else '-':>{max(len(extra), 8)}}  "
+        lines.append(line + f"{int(best['epoch']):>5}  {params}")
+    return "\n".join(lines)
+
+
+def best_per_template(records: list[TrialRecord], metric: str) -> dict[str, dict[str, Any]]:
+    """For each prompt template tried: the best value of `metric` and how many trials tried it.
+
+    Only whole-test-set results count, so a trial stopped on a subset does not compete."""
+    summary: dict[str, dict[str, Any]] = {}
+    for record in records:
+        template = record.params.get("prompt_template")
+        if template is None or not record.best:
+            continue
+        entry = summary.setdefault(template, {"trials": 0, "best": None, "trial_id": None})
+        entry["trials"] += 1
+        if record.best.get("full_test_set", 1.0) == 1.0 and metric in record.best:
+            if entry["best"] is None or record.best[metric] > entry["best"]:
+                entry["best"], entry["trial_id"] = record.best[metric], record.trial_id
+    return summary
+
+
+def format_template_summary(summary: dict[str, dict[str, Any]], metric: str) -> str:
+    lines = [f"Best {metric} per prompt template (whole test set):"]
+    for template, entry in sorted(summary.items(), key=lambda item: -(item[1]["best"] or -1.0)):
+        figure = f"{entry['best']:.3f} (trial {entry['trial_id']})" if entry["best"] is not None else "no full evaluation"
+        lines.append(f"  {template:<12} {figure}, {entry['trials']} trial(s)")
     return "\n".join(lines)

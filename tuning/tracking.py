@@ -20,7 +20,12 @@ from ray import tune
 PARENT_TAG = "mlflow.parentRunId"
 # Result keys worth a per-epoch curve in MLflow; the rest are Ray's bookkeeping.
 EPOCH_METRIC_PREFIXES = ("tool_", "paper_distance", "best_paper_distance", "train_loss", "recall/",
-                         "padding_waste", "cpu_seconds", "gpu_seconds")
+                         "padding_waste", "cpu_seconds", "gpu_seconds", "plan_", "empty_output_rate",
+                         "eval_examples", "full_test_set")
+# Best-epoch figures copied to `final_*` metrics when a trial ends (those a model reports).
+FINAL_KEYS = ("tool_recall", "tool_recall_ci_low", "tool_recall_ci_high", "tool_count", "tool_count_ci_low",
+              "tool_count_ci_high", "tool_precision", "plan_success", "plan_success_ci_low", "plan_success_ci_high",
+              "tool_set_accuracy", "plan_parse_rate", "eval_examples", "paper_distance", "epoch")
 
 
 @dataclass
@@ -40,6 +45,20 @@ class TrialRecord:
     @property
     def objective(self) -> float:
         return self.best["paper_distance"] if self.best else math.inf
+
+
+def _better(result: dict[str, Any], best: dict[str, Any] | None) -> bool:
+    """Whether `result` should replace a trial's best so far.
+
+    A planner trial's last report scores the whole test set, the others a subset; the whole
+    set wins. Otherwise (every ToolRAG epoch scores the whole set) the lower distance wins.
+    """
+    if best is None:
+        return True
+    full, best_full = result.get("full_test_set", 1.0) == 1.0, best.get("full_test_set", 1.0) == 1.0
+    if full != best_full:
+        return full
+    return result["paper_distance"] < best["paper_distance"]
 
 
 class SearchTracker:
@@ -95,7 +114,7 @@ class SearchTracker:
             return
         epoch = int(result["epoch"])
         record.epochs, record.last = epoch, dict(result)
-        if record.best is None or result["paper_distance"] < record.best["paper_distance"]:
+        if _better(result, record.best):
             record.best = dict(result)
         if result.get("checkpoint_path"):  # only best-so-far epochs carry a checkpoint
             record.checkpoint_path = result["checkpoint_path"]
@@ -103,6 +122,8 @@ class SearchTracker:
         metrics = [Metric(k, float(v), now, epoch) for k, v in result.items()
                    if k.startswith(EPOCH_METRIC_PREFIXES) and isinstance(v, (int, float)) and math.isfinite(v)]
         self.client.log_batch(record.run_id, metrics=metrics)
+        if isinstance(result.get("sample_plans"), str):  # what the model wrote, for a person to read
+            self.client.log_text(record.run_id, result["sample_plans"], f"sample_plans/epoch-{epoch:03d}.json")
 
     def trial_ended(self, trial_id: str, status: str, error: str | None = None,
                     params: dict[str, Any] | None = None, fixed: dict[str, Any] | None = None) -> None:
@@ -115,12 +136,11 @@ class SearchTracker:
     def _end_child(self, record: TrialRecord, status: str, error: str | None = None) -> None:
         record.status = status
         record.error = error
-        record.stopped_early = status == "FINISHED" and record.epochs < self.max_epochs
+        record.stopped_early = status == "FINISHED" and record.epochs < int(record.params.get("epochs", self.max_epochs))
         now = int(time.time() * 1000)
         final: dict[str, float] = {"epochs_completed": record.epochs, "trial_wall_seconds": time.time() - record.started}
         if record.best:
-            for key in ("tool_recall", "tool_recall_ci_low", "tool_recall_ci_high", "tool_count",
-                        "tool_count_ci_low", "tool_count_ci_high", "tool_precision", "paper_distance", "epoch"):
+            for key in FINAL_KEYS:
                 if key in record.best:
                     final[f"final_{key}"] = record.best[key]
         if record.last:
@@ -135,8 +155,10 @@ class SearchTracker:
 
     # ----- the end of the search --------------------------------------------------------
     def ranked(self) -> list[TrialRecord]:
-        """Trials with at least one evaluated epoch, closest to the paper first."""
-        return sorted((r for r in self.trials.values() if r.best is not None), key=lambda r: r.objective)
+        """Trials with at least one evaluated epoch, closest to the paper first; trials scored on
+        the whole test set rank before those stopped while scored on a subset only."""
+        return sorted((r for r in self.trials.values() if r.best is not None),
+                      key=lambda r: (r.best.get("full_test_set", 1.0) != 1.0, r.objective))
 
     def mark_closest(self, k: int, registered_model_name: str, alias: str = "closest-to-paper") -> str | None:
         """Tag the k closest trials 1..k and register the closest one's best checkpoint.

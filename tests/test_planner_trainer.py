@@ -1,0 +1,230 @@
+"""The planner trainer's parts with real models: base building, LoRA, batched generation, scoring."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainers.data import load_dataset_dir
+from trainers.planner import (
+    CausalLMBatches, PlannerConfig, build_lora_model, encode_train_split, generate_plans, plan_metrics,
+    planner_messages, prompt_ids, score_plans,
+)
+from trainers.planner_base import (
+    BaseBuildSettings, build_base, compact_system_prompt, pretraining_corpus, train_tokenizer,
+)
+from trainers.planner_prompts import IGNORE_INDEX
+from trainers.tools import END_OF_PLAN
+
+TARGETS = {"plan_success": {"value": 0.78, "tolerance": 0.03}}
+TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 512,
+              "tie_word_embeddings": True}
+# TinyLlama-1.1B's published architecture (TinyLlama/TinyLlama-1.1B and the 32k-Instruct fine-tune).
+TINYLLAMA_1_1B = {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+                  "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000,
+                  "max_position_embeddings": 2048, "rms_norm_eps": 1e-5}
+
+
+@pytest.fixture(scope="module")
+def dataset(small_data_dir):
+    return load_dataset_dir(small_data_dir)
+
+
+@pytest.fixture(scope="module")
+def built_base(dataset, tmp_path_factory) -> Path:
+    systems = [c for e in dataset.train for r, c in e.messages if r == "system"]
+    questions = [c for e in dataset.train for r, c in e.messages if r != "system"]
+    settings = BaseBuildSettings(vocab_size=1024, pretrain_epochs=6, learning_rate=1e-2, batch_size=16,
+                                 sequence_length=128)
+    return build_base(tmp_path_factory.mktemp("bases") / "tiny", systems, questions, TINY_LLAMA, settings,
+                      progress=lambda line: None)
+
+
+def _config(model_path: Path, **overrides) -> PlannerConfig:
+    settings = {"model_path": str(model_path), "system_prompt": "compact", "max_length": 256, "max_new_tokens": 40,
+                "targets": TARGETS, **overrides}
+    return PlannerConfig.model_validate(settings)
+
+
+def _examples(dataset, split: str, count: int) -> list[dict]:
+    return [{"messages": [list(m) for m in e.messages], "plan": e.plan} for e in getattr(dataset, split)[:count]]
+
+
+def test_the_base_corpus_holds_prompts_but_no_target_plan(dataset):
+    systems = [c for e in dataset.train for r, c in e.messages if r == "system"]
+    questions = [c for e in dataset.train for r, c in e.messages if r != "system"]
+    corpus = pretraining_corpus(systems, questions)
+    # Every document is a prompt: a dataset system prompt, the compact one, or a question.
+    assert set(corpus) == set(systems) | set(questions) | {compact_system_prompt()}
+    # So a plan can reach the base only as an in-context example inside a system prompt (the
+    # synthetic generator sometimes draws a record whose plan equals one of those examples).
+    without_system_prompts = "\n".join(pretraining_corpus([], questions))
+    assert not any(e.plan in without_system_prompts for e in dataset.train + dataset.test)
+
+
+def test_the_trained_tokenizer_round_trips_plans_and_has_a_chat_template(dataset):
+    tokenizer = train_tokenizer(pretraining_corpus([], [e.query for e in dataset.train]), 400)
+    for example in dataset.test[:20]:
+        text = example.plan + END_OF_PLAN
+        assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+    assert tokenizer.chat_template and tokenizer.eos_token_id is not None and tokenizer.pad_token_id is not None
+
+
+def test_the_base_is_built_once_and_reused(built_base, dataset):
+    info = json.loads((built_base / "base.json").read_text())
+    assert info["pretrain_losses"] and (built_base / "tokenizer.json").exists()
+    before = (built_base / "base.json").stat().st_mtime_ns
+    assert build_base(built_base, [], [], TINY_LLAMA, BaseBuildSettings(), progress=lambda line: None) == built_base
+    assert (built_base / "base.json").stat().st_mtime_ns == before
+    assert not [p for p in built_base.parent.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+
+def test_generation_prompt_is_the_training_prompt(built_base, dataset):
+    """Evaluation must show the model exactly the prefix it was trained to continue."""
+    from trainers.planner import load_tokenizer
+
+    tokenizer = load_tokenizer(str(built_base))
+    for template in ("concat", "instruct", "chat"):
+        config = _config(built_base, prompt_template=template, max_length=1024)  # no truncation
+        example = _examples(dataset, "train", 1)[0]
+        split = encode_train_split(tokenizer, [example], config)
+        labels = split["labels"].tolist()
+        prompt_length = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+        assert split["flat"][:prompt_length].tolist() == prompt_ids(tokenizer, example["messages"], config)
+
+
+def test_compact_system_prompt_replaces_only_the_system_message(dataset):
+    messages = dataset.train[0].messages
+    compact = planner_messages(messages, "compact")
+    assert compact[0] == ("system", compact_system_prompt())
+    assert compact[1:] == [m for m in messages if m[0] != "system"]
+    assert planner_messages(messages, "dataset") == list(messages)
+
+
+def test_batches_pad_labels_with_the_ignore_index():
+    split = {"flat": torch.tensor([5, 6, 7, 8, 9], dtype=torch.int32), "offsets": torch.tensor([0, 3, 5]),
+             "labels": torch.tensor([IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9])}
+    collate = CausalLMBatches(split, pad_id=0)
+    batch = collate([0, 1])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [IGNORE_INDEX, 9, IGNORE_INDEX]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert (collate.pad_tokens, collate.total_tokens) == (1, 6)
+
+
+def test_batched_kv_cache_generation_matches_one_prompt_at_a_time(built_base, dataset):
+    """Left padding and the cache must not change a single greedy token."""
+    from transformers import AutoModelForCausalLM
+
+    from trainers.planner import load_tokenizer
+
+    tokenizer = load_tokenizer(str(built_base))
+    model = AutoModelForCausalLM.from_pretrained(str(built_base)).eval()
+    config = _config(built_base, prompt_template="instruct")
+    prompts = [prompt_ids(tokenizer, e["messages"], config) for e in _examples(dataset, "test", 7)]
+    assert len({len(p) for p in prompts}) > 1  # the batch really needs padding
+    device = torch.device("cpu")
+    batched = generate_plans(model, tokenizer, prompts, 24, batch_size=7, device=device)
+    single = [generate_plans(model, tokenizer, [p], 24, batch_size=1, device=device)[0] for p in prompts]
+    assert batched == single
+
+
+def test_a_trained_planner_stops_at_end_of_plan_and_scores_as_a_success(built_base, dataset):
+    """Fit LoRA on two short examples until it writes them back; generation must stop at the
+    marker, though the model could go on (max_new_tokens leaves room for much more)."""
+    from trainers.planner import load_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(str(built_base))
+    config = _config(built_base, prompt_template="instruct", lora_r=16, lora_alpha=32, lora_dropout=0.0)
+    examples = sorted(_examples(dataset, "train", 300), key=lambda e: len(e["plan"]))[:2]
+    model = build_lora_model(config)
+    collate = CausalLMBatches(encode_train_split(tokenizer, examples, config), tokenizer.pad_token_id)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    first_loss = None
+    for _ in range(200):
+        loss = model(**collate([0, 1])).loss
+        first_loss = first_loss if first_loss is not None else loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < first_loss / 10
+    model.eval()
+    prompts = [prompt_ids(tokenizer, e["messages"], config) for e in examples]
+    plans = generate_plans(model, tokenizer, prompts, 120, batch_size=2, device=torch.device("cpu"))
+    for plan, example in zip(plans, examples):
+        assert plan == example["plan"] + END_OF_PLAN  # nothing after the marker
+    metrics = plan_metrics(score_plans(plans, [e["plan"] for e in examples]))
+    assert metrics["plan_success"] == 1.0 and metrics["tool_set_accuracy"] == 1.0
+
+
+def test_plan_metrics_count_successes_and_give_a_wilson_interval():
+    target = '1. get_phone_number("Sid")\n2. send_sms(["$1"], "hi")\n3. join()'
+    wrong_edge = '1. get_phone_number("Sid")\n2. send_sms(["Sid"], "hi")\n3. join()'
+    sums = score_plans([target + END_OF_PLAN, wrong_edge + END_OF_PLAN, "", "garbage"], [target] * 4)
+    metrics = plan_metrics(sums)
+    assert metrics["plan_success"] == 0.25 and metrics["tool_set_accuracy"] == 0.5
+    assert metrics["plan_parse_rate"] == 0.5 and metrics["empty_output_rate"] == 0.25
+    assert metrics["plan_success_ci_low"] < 0.25 < metrics["plan_success_ci_high"]
+
+
+def test_planner_config_rejects_unknown_templates_and_missing_targets(tmp_path):
+    with pytest.raises(ValueError, match="prompt_template"):
+        _config(tmp_path, prompt_template="alpaca")
+    with pytest.raises(ValueError, match="paper_target"):
+        _config(tmp_path, paper_target="plan_success_with_toolrag")
+    with pytest.raises(ValueError, match="extra"):
+        _config(tmp_path, lora_rank=8)
+
+
+def _expected_lora_parameters(architecture: dict, r: int, modules: list[str]) -> int:
+    """r x (in + out) per adapted projection per layer, from the architecture's own sizes."""
+    hidden, inter = architecture["hidden_size"], architecture["intermediate_size"]
+    kv = hidden // architecture["num_attention_heads"] * architecture["num_key_value_heads"]
+    shapes = {"q_proj": (hidden, hidden), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (hidden, hidden),
+              "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
+    return architecture["num_hidden_layers"] * sum(r * sum(shapes[m]) for m in modules)
+
+
+@pytest.mark.parametrize("modules", [["q_proj", "v_proj"], None])
+def test_lora_trains_exactly_the_configured_projections(built_base, modules):
+    extra = {"lora_target_modules": modules} if modules else {}
+    config = _config(built_base, lora_r=4, **extra)
+    model = build_lora_model(config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == _expected_lora_parameters(TINY_LLAMA, 4, config.lora_target_modules)
+
+
+@pytest.mark.slow
+def test_tinyllama_1_1b_architecture_takes_lora_and_one_training_step_on_cpu(tmp_path):
+    """The paper's planner at full size, random weights, no download: LoRA r=16 on all seven
+    projections trains 12.6M of 1.1B parameters, and one step changes only the adapters."""
+    from transformers import AutoModelForCausalLM
+
+    from trainers.models import config_from_dict
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config_from_dict(TINYLLAMA_1_1B))
+    total = sum(p.numel() for p in base.parameters())
+    assert 1.0e9 < total < 1.2e9
+    config = _config(tmp_path, lora_r=16, lora_alpha=16, lora_dropout=0.1)
+    model = build_lora_model(config, base=base)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    expected = _expected_lora_parameters(TINYLLAMA_1_1B, 16, config.lora_target_modules)
+    assert sum(p.numel() for p in trainable.values()) == expected == 12_615_680
+    assert all("lora_" in name for name in trainable)
+    frozen_before = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.detach().clone()
+    adapter_before = {n: p.detach().clone() for n, p in trainable.items() if "lora_B" in n}
+    input_ids = torch.randint(0, 32000, (2, 32))
+    labels = input_ids.clone()
+    labels[:, :16] = IGNORE_INDEX
+    loss = model(input_ids=input_ids, labels=labels).loss
+    loss.backward()
+    torch.optim.AdamW(trainable.values(), lr=1e-3).step()
+    assert torch.isfinite(loss)
+    assert torch.equal(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight, frozen_before)
+    assert any(not torch.equal(trainable[n], before) for n, before in adapter_before.items())

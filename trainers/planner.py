@@ -1,0 +1,384 @@
+"""Planner: LoRA fine-tuning of a causal LM to write LLMCompiler plans, on Ray Train workers.
+
+`train_fn_per_worker` is what a `TorchTrainer` runs on each worker; it knows Ray Train but
+nothing of Tune.
+
+Per epoch every worker trains on its shard (loss on the response tokens only), then
+generates plans for its slice of a fixed evaluation subset and scores them by DAG
+isomorphism; the counts are all-reduced so every worker reports the same figures. That
+subset is the early-stopping signal. After the last epoch the best epoch's adapter is
+restored and the whole test set is scored: that is the trial's `plan_success`, with a 95%
+interval. Rank 0 checkpoints the adapter (not the base) whenever an epoch is the best so far.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from trainers.batching import all_reduce_sum, autocast, length_grouped_batches, pack_sequences
+from trainers.evaluation import paper_distance, wilson_interval
+from trainers.planner_base import compact_system_prompt
+from trainers.planner_prompts import IGNORE_INDEX, PLANNER_TEMPLATES, encode_example, render_prompt
+from trainers.plans import PlanError, parse_plan, plan_success, tool_set_match
+from trainers.tools import END_OF_PLAN
+
+# The reproduction's LoRA targets: every attention and MLP projection of a Llama block.
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PLANNER_METRICS = ("plan_success", "plan_success_with_toolrag")
+
+
+class Target(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    value: float
+    tolerance: float = Field(gt=0)
+
+
+class PlannerConfig(BaseModel):
+    """Everything one planner training run needs; searched keys are fields here."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model_path: str = Field(description="Local folder with the base model's weights and tokenizer.")
+    prompt_template: str = Field("instruct", description="concat, instruct or chat (see planner_prompts).")
+    system_prompt: Literal["dataset", "compact"] = Field(
+        "dataset", description="dataset: each record's own planner prompt, as the paper; compact: one short "
+                               "prompt with the plan rules, for CPU-sized models (the dataset's is ~1,000 tokens).")
+    max_length: int = Field(4096, ge=16, le=32768, description="Token cap per training example (prompt + plan).")
+    max_new_tokens: int = Field(256, ge=8, le=4096, description="Generation cap per plan.")
+    learning_rate: float = Field(7e-5, gt=0, lt=1)
+    batch_size: int = Field(8, ge=1, description="Global batch per optimiser step, split across workers.")
+    micro_batch_size: int = Field(8, ge=1, description="Examples per forward pass on a worker; smaller means "
+                                                        "gradient accumulation, for memory.")
+    epochs: int = Field(3, ge=1)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    lora_r: int = Field(16, ge=1, le=1024)
+    lora_alpha: float = Field(16, gt=0)
+    lora_dropout: float = Field(0.1, ge=0, lt=1)
+    lora_target_modules: list[str] = Field(default_factory=lambda: list(LLAMA_PROJECTIONS), min_length=1)
+    eval_subset_size: int = Field(64, ge=1, description="Test examples scored after each epoch (the ASHA signal).")
+    eval_batch_size: int = Field(32, ge=1)
+    max_train_examples: int | None = Field(None, ge=1)
+    max_eval_examples: int | None = Field(None, ge=1, description="Test examples in the final scoring (default: all).")
+    sample_plans: int = Field(8, ge=0, description="Generated plans saved beside their targets per evaluation.")
+    bf16: bool = Field(True, description="bf16 autocast; applies on GPU only.")
+    seed: int = 0
+    paper_target: Literal["plan_success", "plan_success_with_toolrag"] = Field(
+        "plan_success", description="Which paper figure paper_distance measures from: 0.78 (as cited by the "
+                                    "reproduction) or 0.8006 (TinyAgent-1.1B with ToolRAG).")
+    targets: dict[Literal["plan_success", "plan_success_with_toolrag"], Target]
+
+    @model_validator(mode="after")
+    def _check(self) -> "PlannerConfig":
+        if self.prompt_template not in PLANNER_TEMPLATES:
+            raise ValueError(f"prompt_template {self.prompt_template!r} is not one of {list(PLANNER_TEMPLATES)}")
+        if self.paper_target not in self.targets:
+            raise ValueError(f"paper_target {self.paper_target!r} has no entry in the targets")
+        return self
+
+
+def load_tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token_id is None:  # Llama tokenizers ship without one; pads are masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_lora_model(config: PlannerConfig, base: torch.nn.Module | None = None):
+    """The base causal LM (loaded from model_path unless given) wrapped in PEFT LoRA adapters."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    if base is None:
+        base = AutoModelForCausalLM.from_pretrained(config.model_path, dtype=torch.float32)
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(config.lora_target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(base, lora)
+
+
+def planner_messages(messages: list[tuple[str, str]] | tuple, system_prompt: str) -> list[tuple[str, str]]:
+    """The messages the model sees: the record's own, or with the compact system prompt."""
+    if system_prompt == "dataset":
+        return [tuple(m) for m in messages]
+    return [("system", compact_system_prompt())] + [tuple(m) for m in messages if m[0] != "system"]
+
+
+def prompt_ids(tokenizer, messages, config: PlannerConfig) -> list[int]:
+    """Token ids of the generation prompt, built exactly as in training (BOS + prompt)."""
+    ids = tokenizer(render_prompt(planner_messages(messages, config.system_prompt), config.prompt_template, tokenizer),
+                    add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    room = max(1, config.max_length - config.max_new_tokens - len(bos))
+    return bos + ids[-room:]
+
+
+def encode_train_split(tokenizer, examples: list[dict[str, Any]], config: PlannerConfig) -> dict[str, torch.Tensor]:
+    """Packed input ids and labels (IGNORE_INDEX on prompt tokens) of the training examples."""
+    encoded = [encode_example(tokenizer, planner_messages(e["messages"], config.system_prompt), e["plan"],
+                              config.prompt_template, config.max_length) for e in examples]
+    packed = pack_sequences([e["input_ids"] for e in encoded])
+    packed["labels"] = torch.tensor([label for e in encoded for label in e["labels"]], dtype=torch.int64)
+    return packed
+
+
+class CausalLMBatches:
+    """Collate function: right-pads ids (pad id) and labels (IGNORE_INDEX), counts pad tokens."""
+
+    def __init__(self, split: dict[str, torch.Tensor], pad_id: int):
+        self.flat, self.offsets, self.labels, self.pad_id = split["flat"], split["offsets"], split["labels"], pad_id
+        self.pad_tokens = 0
+        self.total_tokens = 0
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        starts, ends = self.offsets[indices], self.offsets[[i + 1 for i in indices]]
+        longest = int((ends - starts).max())
+        input_ids = torch.full((len(indices), longest), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(indices), longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(indices), longest), dtype=torch.long)
+        for row, (start, end) in enumerate(zip(starts.tolist(), ends.tolist())):
+            input_ids[row, : end - start] = self.flat[start:end]
+            labels[row, : end - start] = self.labels[start:end]
+            attention_mask[row, : end - start] = 1
+        self.total_tokens += input_ids.numel()
+        self.pad_tokens += input_ids.numel() - int(attention_mask.sum())
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def generate_plans(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
+                   device: torch.device, bf16: bool = False) -> list[str]:
+    """Greedy plans for token-id prompts, batched with the KV cache; returned in input order.
+
+    Prompts are sorted by length so a batch pads little, left-padded so every row's next token
+    follows its own last prompt token, and a row stops at `<END_OF_PLAN>` or EOS. The text
+    after the marker is dropped.
+    """
+    from transformers import StopStringCriteria, StoppingCriteriaList
+
+    stop = StoppingCriteriaList([StopStringCriteria(tokenizer, [END_OF_PLAN])])
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    outputs: list[str] = [""] * len(prompts)
+    pad_id = tokenizer.pad_token_id
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        longest = max(len(prompts[i]) for i in rows)
+        input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for row, index in enumerate(rows):
+            input_ids[row, longest - len(prompts[index]):] = torch.tensor(prompts[index])
+            attention_mask[row, longest - len(prompts[index]):] = 1
+        with torch.no_grad(), autocast(device, bf16):
+            generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                       max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                       use_cache=True, stopping_criteria=stop, pad_token_id=pad_id,
+                                       eos_token_id=tokenizer.eos_token_id)
+        for row, index in enumerate(rows):
+            text = tokenizer.decode(generated[row, longest:], skip_special_tokens=True)
+            outputs[index] = text.split(END_OF_PLAN, 1)[0] + (END_OF_PLAN if END_OF_PLAN in text else "")
+    return outputs
+
+
+def _parses(text: str) -> bool:
+    try:
+        parse_plan(text)
+        return True
+    except PlanError:
+        return False
+
+
+def score_plans(predicted: list[str], targets: list[str]) -> torch.Tensor:
+    """Sums [examples, plan successes, tool-set matches, parseable outputs, empty outputs]."""
+    sums = torch.zeros(5, dtype=torch.float64)
+    for text, target in zip(predicted, targets):
+        sums += torch.tensor([1, plan_success(text, target), tool_set_match(text, target), _parses(text),
+                              not text.replace(END_OF_PLAN, "").strip()], dtype=torch.float64)
+    return sums
+
+
+def plan_metrics(sums: torch.Tensor) -> dict[str, float]:
+    n, successes, tool_sets, parsed, empty = (float(v) for v in sums)
+    low, high = wilson_interval(successes, n)
+    return {
+        "plan_success": successes / n if n else 0.0,
+        "plan_success_ci_low": low,
+        "plan_success_ci_high": high,
+        "tool_set_accuracy": tool_sets / n if n else 0.0,
+        "plan_parse_rate": parsed / n if n else 0.0,
+        "empty_output_rate": empty / n if n else 0.0,
+        "eval_examples": n,
+    }
+
+
+def evaluate(model, tokenizer, examples: list[dict[str, Any]], config: PlannerConfig, device, rank: int, world: int):
+    """Generate and score this worker's slice of `examples`; returns (whole-set metrics, samples).
+
+    Samples are rank 0's first few (prompt question, generated plan, target, success).
+    """
+    mine = examples[rank::world]
+    prompts = [prompt_ids(tokenizer, e["messages"], config) for e in mine]
+    unwrapped = model.module if hasattr(model, "module") else model
+    unwrapped.eval()
+    predicted = generate_plans(unwrapped, tokenizer, prompts, config.max_new_tokens, config.eval_batch_size,
+                               device, config.bf16)
+    unwrapped.train()
+    targets = [e["plan"] for e in mine]
+    sums = all_reduce_sum(score_plans(predicted, targets).to(device)).cpu()
+    samples = [{"question": next((c for r, c in e["messages"] if r == "user"), ""), "generated": text,
+                "target": e["plan"] + END_OF_PLAN, "plan_success": plan_success(text, e["plan"])}
+               for e, text in list(zip(mine, predicted))[: config.sample_plans]]
+    return plan_metrics(sums), samples
+
+
+def lora_state(model) -> dict[str, torch.Tensor]:
+    """A copy of the trainable (adapter) weights: what 'the best epoch' restores."""
+    unwrapped = model.module if hasattr(model, "module") else model
+    return {name: p.detach().clone() for name, p in unwrapped.named_parameters() if p.requires_grad}
+
+
+def _restore_lora_state(model, state: dict[str, torch.Tensor]) -> None:
+    unwrapped = model.module if hasattr(model, "module") else model
+    with torch.no_grad():
+        for name, parameter in unwrapped.named_parameters():
+            if name in state:
+                parameter.copy_(state[name])
+
+
+def _save_checkpoint(model, tokenizer, config: PlannerConfig, directory: str) -> None:
+    """The adapter only, its tokenizer, and the config that names the base."""
+    unwrapped = model.module if hasattr(model, "module") else model
+    unwrapped.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    Path(directory, "planner.json").write_text(config.model_dump_json(indent=2))
+
+
+def load_checkpoint(directory: str):
+    """(base + trained adapter, tokenizer, config) from a checkpoint folder written by a trial."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    config = PlannerConfig.model_validate_json(Path(directory, "planner.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(config.model_path, dtype=torch.float32)
+    return PeftModel.from_pretrained(base, directory), load_tokenizer(directory), config
+
+
+def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
+    """Train one planner configuration; runs on every Ray Train worker.
+
+    loop_config: {"trainer": PlannerConfig fields, "data": ObjectRef or dict of
+    {"train"/"test": [{"messages": [(role, content)], "plan": str}]}, "data_fingerprint": str}.
+    Reports per epoch plan_success, tool_set_accuracy (on the evaluation subset, or on the
+    whole test set after the last epoch, where full_test_set is 1), paper_distance,
+    best_paper_distance, train_loss and cost figures, and `sample_plans` as JSON text.
+    """
+    import ray
+    import ray.train
+    import ray.train.torch
+    from transformers import get_linear_schedule_with_warmup
+
+    started = time.perf_counter()
+    cpu_started = time.process_time()
+    config = PlannerConfig.model_validate(loop_config["trainer"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    # Ray does not set torch's thread count in Train workers; two trials on two cores would
+    # otherwise run four threads.
+    assigned_cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    torch.set_num_threads(max(1, int(assigned_cpus)))
+    torch.manual_seed(config.seed)
+
+    data = loop_config["data"]
+    if isinstance(data, ray.ObjectRef):
+        data = ray.get(data)
+    train_examples = data["train"][: config.max_train_examples]
+    test_examples = data["test"][: config.max_eval_examples]
+    subset = test_examples[: config.eval_subset_size]
+    tokenizer = load_tokenizer(config.model_path)
+    train_split = encode_train_split(tokenizer, train_examples, config)
+    data_prep_seconds = time.perf_counter() - started
+
+    model = ray.train.torch.prepare_model(build_lora_model(config))
+    collate = CausalLMBatches(train_split, tokenizer.pad_token_id)
+    per_worker_batch = max(1, config.batch_size // world)
+    micro = min(config.micro_batch_size, per_worker_batch)
+    lengths = (train_split["offsets"][1:] - train_split["offsets"][:-1]).tolist()
+    steps_per_epoch = math.ceil(math.ceil(len(lengths) / world) / per_worker_batch)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    total_steps = max(1, steps_per_epoch * config.epochs)
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
+    targets = {config.paper_target: config.targets[config.paper_target].model_dump()}
+    best_distance, best_state, best_key = math.inf, None, None
+
+    for epoch in range(1, config.epochs + 1):
+        loss_total, steps = 0.0, 0
+        collate.pad_tokens = collate.total_tokens = 0
+        for indices in length_grouped_batches(lengths, per_worker_batch, epoch, config.seed, rank, world):
+            optimizer.zero_grad(set_to_none=True)
+            chunks = [indices[i : i + micro] for i in range(0, len(indices), micro)]
+            for position, chunk in enumerate(chunks):
+                batch = {k: v.to(device) for k, v in collate(chunk).items()}
+                # Only the last micro-batch of a step all-reduces gradients across workers.
+                last = position == len(chunks) - 1
+                sync = model.no_sync() if (world > 1 and not last) else contextlib.nullcontext()
+                with sync, autocast(device, config.bf16):
+                    loss = model(**batch).loss
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch}, step {steps}")
+                (loss * len(chunk) / len(indices)).backward()
+                loss_total += loss.item() * len(chunk) / len(indices)
+            optimizer.step()
+            scheduler.step()
+            steps += 1
+
+        metrics, samples = evaluate(model, tokenizer, subset, config, device, rank, world)
+        distance = paper_distance({config.paper_target: metrics["plan_success"]}, targets)
+        # Ties (common while nothing succeeds yet) go to the later epoch with more valid plans.
+        rank_key = (distance, -metrics["tool_set_accuracy"], -metrics["plan_parse_rate"])
+        improved = best_state is None or rank_key <= best_key
+        if improved:
+            best_key, best_distance, best_state = rank_key, distance, lora_state(model)
+        full_test_set = epoch == config.epochs
+        if full_test_set:  # the trial's figure: the best epoch's adapter on every test example
+            if not improved:
+                _restore_lora_state(model, best_state)
+            metrics, samples = evaluate(model, tokenizer, test_examples, config, device, rank, world)
+            distance = best_distance = paper_distance({config.paper_target: metrics["plan_success"]}, targets)
+        cost = all_reduce_sum(torch.tensor(
+            [time.process_time() - cpu_started, collate.pad_tokens, collate.total_tokens, loss_total, steps],
+            dtype=torch.float64, device=device)).cpu().tolist()
+        metrics.update(
+            epoch=epoch,
+            full_test_set=float(full_test_set),
+            paper_distance=distance,
+            best_paper_distance=best_distance,
+            train_loss=cost[3] / max(cost[4], 1),
+            cpu_seconds=cost[0],
+            gpu_seconds=(time.perf_counter() - started) * world if device.type == "cuda" else 0.0,
+            padding_waste=cost[1] / max(cost[2], 1),
+            mean_input_tokens=train_split["flat"].numel() / max(len(collate), 1),
+            data_prep_seconds=data_prep_seconds,
+            train_fn_seconds=time.perf_counter() - started,
+            world_size=world,
+            sample_plans=json.dumps(samples, indent=1),
+        )
+        if improved and rank == 0:
+            with tempfile.TemporaryDirectory() as directory:
+                _save_checkpoint(model, tokenizer, config, directory)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        else:
+            ray.train.report(metrics)
+
