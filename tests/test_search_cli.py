@@ -7,6 +7,7 @@ finished trials' placement groups, so the later trials wait for CPUs forever.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -56,3 +57,48 @@ def test_pareto_objective_runs_multi_objective_optuna_and_tags_the_front(tmp_pat
             better_recall = other.data.metrics["final_tool_recall"] > member.data.metrics["final_tool_recall"]
             fewer_tools = other.data.metrics["final_tool_count"] < member.data.metrics["final_tool_count"]
             assert not (better_recall and fewer_tools)
+
+
+PLANNER_PARAMS = ("learning_rate", "batch_size", "prompt_template", "lora_r", "lora_alpha", "lora_dropout")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_planner_smoke_search_tracks_trials_templates_and_plans(tmp_path, mlflow_runs):
+    """`--model planner --smoke`: the base is built, LoRA trials run, MLflow holds each trial's
+    params, plan_success and sample plans, and the closest adapter is registered."""
+    uri = f"sqlite:///{tmp_path / 'planner.db'}"
+    command = [sys.executable, "tuning/search.py", "--model", "planner", "--smoke", "--tracking-uri", uri,
+               "--storage", str(tmp_path / "storage"), "--results-dir", str(tmp_path / "results"),
+               "--experiment-name", "planner-smoke"]
+    completed = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=900)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "[base] building the local planner base" in completed.stdout
+    assert "Best plan_success per prompt template" in completed.stdout
+    client, trials = mlflow_runs(uri, "planner-smoke", "trial")
+    assert len(trials) >= 3
+    for run in trials:
+        assert set(PLANNER_PARAMS) <= set(run.data.params), run.data.params.keys()
+        assert 0.0 <= run.data.metrics["plan_success"] <= 1.0
+        assert "tool_set_accuracy" in run.data.metrics and "paper_distance" in run.data.metrics
+        samples = [a.path for a in client.list_artifacts(run.info.run_id, "sample_plans")]
+        assert samples, "each trial keeps the plans it generated"
+    assert len({run.data.params["prompt_template"] for run in trials}) >= 2
+    finished = [run for run in trials if run.data.metrics.get("epochs_completed") == 2]
+    assert finished and all(run.data.metrics["final_eval_examples"] == 24 for run in finished)
+    # Epoch 1 scores the 12-example subset (ASHA's signal); the last epoch the whole 24.
+    for run in finished:
+        history = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "eval_examples"),
+                                           key=lambda m: m.step)]
+        assert history == [12, 24]
+    version = client.get_model_version_by_alias("tinyagent-planner", "closest-to-paper")
+    (tmp_path / "samples").mkdir()
+    folder = Path(client.download_artifacts(version.run_id, "sample_plans", str(tmp_path / "samples")))
+    sample = json.loads(sorted(folder.glob("*.json"))[-1].read_text())
+    assert {"question", "generated", "target", "plan_success"} <= set(sample[0])
+
+    # A second search in the same results folder reuses the data, the base and the sqlite store.
+    again = subprocess.run(command + ["--num-samples", "1"], cwd=PROJECT, capture_output=True,
+                           text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "[base] using the local planner base cached" in again.stdout

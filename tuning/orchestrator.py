@@ -85,14 +85,14 @@ def trial_data(model: str, dataset: Dataset) -> dict[str, Any]:
             for split, examples in (("train", dataset.train), ("test", dataset.test))}
 
 
-def _check_chat_template(model_path: Path, space, trainer_base: dict[str, Any]) -> None:
+def _check_chat_template(model_path: Path, space, preset_trainer: dict[str, Any]) -> None:
     """The `chat` template needs a tokenizer with a chat template; say so before any trial fails.
 
-    A base still to be built always gets one, so only existing folders are checked.
+    A base still to be built always gets one, so it is not checked.
     """
     template = space.parameters.get("prompt_template")
     templates = set(template.values if template is not None and template.values else [])
-    templates.add(trainer_base.get("prompt_template", ""))
+    templates.add(preset_trainer.get("prompt_template", TRAINER_CONFIGS["planner"].model_fields["prompt_template"].default))
     config_file = Path(model_path) / "tokenizer_config.json"
     if "chat" not in templates or not config_file.exists():
         return
@@ -110,7 +110,12 @@ def _sqlite_path(tracking_uri: str) -> Path | None:
 
 
 def _check_writable(path: Path, flag: str) -> None:
-    """The nearest existing ancestor must be a writable directory; nothing is created here."""
+    """An existing file must be writable, else the nearest existing ancestor must be a writable
+    directory; nothing is created here."""
+    if path.is_file():
+        if not os.access(path, os.W_OK):
+            raise UserError(f"{flag} {path}: the file is not writable")
+        return
     probe = path
     while not probe.exists():
         probe = probe.parent
@@ -159,6 +164,8 @@ def prepare(args: argparse.Namespace) -> PreparedSearch:
     builds_base = preset.model.build_base is not None and args.model_path is None
     model_source = args.model_path or preset.model.name_or_path
     model_path = None if builds_base else resolve_source(model_source, "model", "--model-path")
+    if args.model == "planner" and model_path is not None:
+        _check_chat_template(model_path, space, preset.trainer)
     dataset = _load_data(args, preset, results_dir)
     if dataset.skipped_invalid:
         print(f"[data] --skip-invalid: left out {dataset.skipped_invalid} invalid records", flush=True)
@@ -176,8 +183,6 @@ def prepare(args: argparse.Namespace) -> PreparedSearch:
     trainer_base = config_cls.model_validate(
         {**trainer_base, **(space.warm_start[0] if space.warm_start else {})}
     ).model_dump(exclude=set(space.parameters))
-    if args.model == "planner":
-        _check_chat_template(model_path, space, trainer_base)
     data = trial_data(args.model, dataset)
     run_name = f"{experiment_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     request = SearchRequest(
@@ -273,13 +278,17 @@ def execute(prepared: PreparedSearch) -> int:
         }
         if ranked:
             totals["best_paper_distance"] = ranked[0].objective
-        version = tracker.mark_closest(prepared.top_k, REGISTERED_MODEL[request.model]) if ranked else None
-        front = report.pareto_front(ranked)
-        tracker.tag_pareto_front(front)
-        tracker.finish_parent(status, totals)
-        if started_ray:
-            driver.wait_for_placement_groups()
-            ray.shutdown()
+        front, version = [], None
+        try:  # whatever goes wrong while marking, the parent run is closed and Ray stopped
+            version = tracker.mark_closest(prepared.top_k, REGISTERED_MODEL[request.model]) if ranked else None
+            if request.objective == "pareto":
+                front = report.pareto_front(ranked)
+                tracker.tag_pareto_front(front)
+        finally:
+            tracker.finish_parent(status, totals)
+            if started_ray:
+                driver.wait_for_placement_groups()
+                ray.shutdown()
 
     print()
     paper_figures = ({"plan_success": prepared.targets[request.trainer_base.get("paper_target", "plan_success")]["value"]}
