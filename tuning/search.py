@@ -3,6 +3,8 @@
     python tuning/search.py --model toolrag                 # laptop default: local preset
     python tuning/search.py --model toolrag --smoke         # tiny model, a few trials, ~1-2 min
     python tuning/search.py --model toolrag --preset paper --address auto --data DIR --gpus-per-worker 1
+    python tuning/search.py --model planner                 # laptop planner: builds a small base once
+    python tuning/search.py --model planner --smoke
 
 Parse, validate, run, report: the work lives in tuning/orchestrator.py.
 """
@@ -41,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--experiment-name", help="MLflow experiment (default: tinyagent-MODEL-PRESET)")
     parser.add_argument("--results-dir", default="results", help="where data, caches, Ray storage and MLflow go")
     parser.add_argument("--objective", default="distance", choices=("distance", "pareto"),
-                        help="distance: minimise paper_distance; pareto: recall up and tools retrieved down")
+                        help="distance: minimise paper_distance; pareto (toolrag): recall up and tools retrieved down")
     parser.add_argument("--time-budget-s", type=float, help="stop starting trials after this many seconds")
     parser.add_argument("--top-k", type=int, default=5, help="how many closest trials to tag and print")
     parser.add_argument("--seed", type=int, default=0)
