@@ -41,7 +41,7 @@ def presets_using(space_file: Path) -> list[dict[str, Any]]:
 def test_every_shipped_preset_loads(preset_file):
     raw = yaml.safe_load(preset_file.read_text())
     preset = load_preset(preset_file.parent.name, preset_file.stem)
-    assert preset.model.name_or_path == raw["model"]["name_or_path"]
+    assert preset.model.name_or_path == raw["model"].get("name_or_path")
     assert preset.trainer == (raw.get("trainer") or {})
     assert preset.search.num_samples == raw["search"]["num_samples"]
     # The space it names is shipped, and accepts this preset's trainer settings.
@@ -61,21 +61,30 @@ def test_every_shipped_space_loads(space_file):
 
 
 @pytest.mark.parametrize("space_file", SPACE_FILES, ids=lambda p: p.name)
-def test_every_searched_key_is_a_toolrag_config_field(space_file):
+def test_every_searched_key_is_a_field_of_its_models_trainer_config(space_file):
     raw = yaml.safe_load(space_file.read_text())
-    assert raw["model"] == "toolrag"
+    fields = set(config.TRAINER_CONFIGS[raw["model"]].model_fields)
     searched = set(raw["parameters"])
     assert searched, "a space must search something"
-    assert searched <= set(ToolRAGConfig.model_fields), searched - set(ToolRAGConfig.model_fields)
+    assert searched <= fields, searched - fields
 
 
 @pytest.mark.parametrize("space_file", SPACE_FILES, ids=lambda p: p.name)
 def test_shipped_warm_starts_include_the_reproduction_recipe(space_file):
-    """The public reproduction's pos_weight 60 and raw query are evaluated first."""
-    space = load_search_space("toolrag", space_file, {})
+    """ToolRAG: the reproduction's pos_weight 60 and raw query go first. Planner: the paper's
+    batch 8 and LoRA r 16 / alpha 16 / dropout 0.1 in the instruction format (and, at paper
+    scale, its lr 7e-5 and 3 epochs); the smoke space's tiny model takes its own LoRA sizes."""
+    model = yaml.safe_load(space_file.read_text())["model"]
+    space = load_search_space(model, space_file, {})
     assert space.warm_start, space_file
-    assert space.warm_start[0]["pos_weight"] == 60.0
-    assert space.warm_start[0]["prompt_template"] == "query"
+    first = space.warm_start[0]
+    if model == "toolrag":
+        assert first["pos_weight"] == 60.0 and first["prompt_template"] == "query"
+    elif space_file.name != "planner-smoke.yaml":
+        assert first["prompt_template"] == "instruct" and first["batch_size"] == 8
+        assert (first["lora_r"], first["lora_alpha"], first["lora_dropout"]) == (16, 16, 0.1)
+        if space_file.name == "planner.yaml":
+            assert first["learning_rate"] == 7.0e-5 and first["epochs"] == 3
 
 
 def test_a_space_for_another_model_is_refused():
@@ -266,6 +275,24 @@ def test_targets_fit_the_trainer_config():
     """The driver passes them to ToolRAGConfig.targets unchanged."""
     settings = {"model_path": ".", "cache_dir": ".", "targets": load_targets("toolrag")}
     assert ToolRAGConfig.model_validate(settings).targets["tool_count"].value == pytest.approx(3.97)
+
+
+def test_planner_targets_are_both_paper_figures_and_fit_the_planner_config():
+    from trainers.planner import PlannerConfig
+
+    targets = load_targets("planner")
+    assert targets["plan_success"]["value"] == pytest.approx(0.78)  # as cited by the reproduction
+    assert targets["plan_success_with_toolrag"]["value"] == pytest.approx(0.8006)  # TinyAgent-1.1B + ToolRAG
+    planner = PlannerConfig.model_validate({"model_path": ".", "targets": targets})
+    assert planner.paper_target == "plan_success"
+
+
+def test_build_base_is_for_the_planner_and_needs_an_architecture(tmp_path):
+    with pytest.raises(ValueError, match="architecture"):
+        config.ModelSource.model_validate({"build_base": {}})
+    with pytest.raises(ValueError, match="not both"):
+        config.ModelSource.model_validate({"name_or_path": "x/y", "architecture": {"model_type": "llama"},
+                                           "build_base": {}})
 
 
 @pytest.mark.parametrize(
