@@ -69,6 +69,7 @@ def _pipeline_plans(pipe, tokenizer, texts: list[str], max_new_tokens: int) -> l
     plans = []
     for text in texts:
         output = pipe(text, max_new_tokens=max_new_tokens, do_sample=False, return_full_text=False,
+                      add_special_tokens=False,
                       stopping_criteria=StoppingCriteriaList([StopStringCriteria(tokenizer, [END_OF_PLAN])]),
                       pad_token_id=tokenizer.pad_token_id)[0]["generated_text"]
         plans.append(output.split(END_OF_PLAN, 1)[0] + (END_OF_PLAN if END_OF_PLAN in output else ""))
@@ -85,8 +86,10 @@ def throughput(args, dataset, preset, folder: Path) -> None:
                                            "targets": {"plan_success": {"value": 0.78, "tolerance": 0.03}}})
     examples = dataset.test[: args.prompts]
     prompts = [prompt_ids(tokenizer, e.messages, config) for e in examples]
-    # The pipeline takes text; the same ids decoded (BOS dropped, the pipeline adds it back).
-    texts = [tokenizer.decode(p[1:] if p[0] == tokenizer.bos_token_id else p) for p in prompts]
+    # The pipeline takes text: the same ids decoded with their special tokens, which encode back
+    # to the same ids (checked), and are passed without the tokenizer adding any.
+    texts = [tokenizer.decode(p) for p in prompts]
+    assert all(tokenizer(t, add_special_tokens=False)["input_ids"] == p for t, p in zip(texts, prompts))
     pipe = pipeline("text-generation", model=model, tokenizer=tokenizer, device=torch.device("cpu"))
     device = torch.device("cpu")
     baseline_rates, batched_rates = [], []
