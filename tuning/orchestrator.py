@@ -76,6 +76,22 @@ def _load_data(args: argparse.Namespace, preset, results_dir: Path) -> Dataset:
     raise UserError(f"--data {args.data}: no such directory (or pass the hub id {HUB_DATASET_ID})")
 
 
+def redact_uri(uri: str) -> str:
+    """A URI safe to log: no user:password@, and no query values (S3 URIs can carry keys)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if "://" not in uri:
+        return uri
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None and not parts.query:
+        return uri
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    query = "&".join(f"{item.split('=', 1)[0]}=REDACTED" for item in parts.query.split("&") if item)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
 def trial_data(model: str, dataset: Dataset) -> dict[str, Any]:
     """What each trial's workers read, per split: only the fields the model's trainer needs."""
     if model == "toolrag":
@@ -161,6 +177,12 @@ def prepare(args: argparse.Namespace) -> PreparedSearch:
     elif not tracking_uri.startswith(("http://", "https://", "databricks")):
         raise UserError(f"--tracking-uri {tracking_uri}: expected sqlite:////abs/path.db or http(s)://host:port")
 
+    if args.address:
+        from tuning.driver import check_address
+
+        problem = check_address(args.address)
+        if problem:
+            raise UserError(f"--address {args.address}: {problem}")
     builds_base = preset.model.build_base is not None and args.model_path is None
     model_source = args.model_path or preset.model.name_or_path
     model_path = None if builds_base else resolve_source(model_source, "model", "--model-path")
@@ -236,10 +258,17 @@ def execute(prepared: PreparedSearch) -> int:
 
     request = prepared.request
     started = time.time()
+    started_ray = driver.start_ray(request.address)
+    # Before anything is written: a request no node can hold would leave every trial PENDING
+    # forever.
+    problem = driver.infeasible_request(request.workers_per_trial, request.cpus_per_worker, request.gpus_per_worker)
+    if problem:
+        if started_ray:
+            ray.shutdown()
+        raise UserError(problem)
     prepared.results_dir.mkdir(parents=True, exist_ok=True)
     if prepared.base_build is not None:
         _build_planner_base(prepared)
-    started_ray = driver.start_ray(request.address)
     artifacts = (prepared.results_dir / "mlartifacts").as_uri() if _sqlite_path(prepared.tracking_uri) else None
     tracker = SearchTracker(prepared.tracking_uri, prepared.experiment_name,
                             max_epochs=driver.max_epochs(request.trainer_base, request.param_space),
@@ -254,7 +283,7 @@ def execute(prepared: PreparedSearch) -> int:
         "model_source": prepared.fixed_params["model_source"],
     }
     tracker.start_parent(prepared.run_name, parent_params,
-                         {"git_commit": _git_commit(), "storage": request.storage_path,
+                         {"git_commit": _git_commit(), "storage": redact_uri(request.storage_path),
                           "experiment_name": request.experiment_name}, prepared.files)
     print(f"[mlflow] parent run {tracker.parent_run_id} in {prepared.tracking_uri} "
           f"(experiment {prepared.experiment_name})", flush=True)

@@ -59,10 +59,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         prepared = prepare(args)
+        return execute(prepared)
     except (UserError, DataError, SourceUnavailable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    return execute(prepared)
 
 
 if __name__ == "__main__":
