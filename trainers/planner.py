@@ -61,6 +61,8 @@ class PlannerConfig(BaseModel):
     epochs: int = Field(3, ge=1)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the adapter gradients' norm (as HF Trainer "
+                                                               "does by default); None turns clipping off.")
     lora_r: int = Field(16, ge=1, le=1024)
     lora_alpha: float = Field(16, gt=0)
     lora_dropout: float = Field(0.1, ge=0, lt=1)
@@ -340,6 +342,8 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
                     raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch}, step {steps}")
                 (loss * len(chunk) / len(indices)).backward()
                 loss_total += loss.item() * len(chunk) / len(indices)
+            if config.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             steps += 1

@@ -85,6 +85,7 @@ def best_per_template(records: list[TrialRecord], metric: str) -> dict[str, dict
 def format_template_summary(summary: dict[str, dict[str, Any]], metric: str) -> str:
     lines = [f"Best {metric} per prompt template (whole test set):"]
     for template, entry in sorted(summary.items(), key=lambda item: -(item[1]["best"] or -1.0)):
-        figure = f"{entry['best']:.3f} (trial {entry['trial_id']})" if entry["best"] is not None else "no full evaluation"
+        figure = (f"{entry['best']:.3f} (trial {entry['trial_id']})" if entry["best"] is not None
+                  else "none scored on the whole test set (stopped early)")
         lines.append(f"  {template:<12} {figure}, {entry['trials']} trial(s)")
     return "\n".join(lines)
