@@ -74,7 +74,11 @@ def test_a_request_no_node_can_hold_fails_fast_naming_the_resource(tmp_path, fla
     assert f"{flag} {value}" in last and resource in last, last
     assert "Traceback" not in completed.stderr
     assert elapsed < 30, f"took {elapsed:.0f} s"
-    assert not (tmp_path / "results").exists()
+    # Refused before any MLflow run or trial storage exists (only the generated data is kept,
+    # complete, for the next search to reuse).
+    results = tmp_path / "results"
+    assert not (results / "mlflow.db").exists() and not (results / "ray").exists()
+    assert sorted(p.name for p in results.iterdir()) == ["data"]
 
 
 @pytest.mark.ray

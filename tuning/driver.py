@@ -29,6 +29,8 @@ LOCAL_RAY_ENV = {
 # memory, because Tune needs a non-empty resource request.
 TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 64 * 1024 * 1024}
 PLACEMENT_GROUP_WAIT_S = 30.0
+# Where `ray up` leaves the autoscaler's config on the head node.
+AUTOSCALING_CONFIG = Path("~/ray_bootstrap_config.yaml")
 SCHEDULER_METRIC = {"toolrag": "best_paper_distance", "planner": "best_early_stop_score"}
 
 
@@ -186,18 +188,24 @@ def check_address(address: str, timeout_s: float = 5.0) -> str | None:
         return f"cannot reach the Ray head at {bootstrap} ({error})"
 
 
-def infeasible_request(workers: int, cpus_per_worker: float, gpus_per_worker: float) -> str | None:
+def infeasible_request(workers: int, cpus_per_worker: float, gpus_per_worker: float,
+                       autoscaling_config: Path = AUTOSCALING_CONFIG) -> str | None:
     """Why no node of the connected cluster can ever host one Train worker, or None.
 
-    Only a cluster without an autoscaler is judged: one that autoscales may add a node type
-    that fits, and its autoscaler reports infeasible requests itself.
+    Judged against the live nodes plus, on a cluster `ray up` started, every node type its
+    autoscaler may launch. A node type whose resources are only known at launch could fit
+    anything, so then nothing is refused.
     """
     import ray
-    from ray.experimental.internal_kv import _internal_kv_get
+    import yaml
 
-    if _internal_kv_get("__autoscaling_status") is not None:
-        return None
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    config_file = autoscaling_config.expanduser()
+    if config_file.is_file():
+        for node_type in (yaml.safe_load(config_file.read_text()) or {}).get("available_node_types", {}).values():
+            if not node_type.get("resources"):
+                return None
+            nodes.append(node_type["resources"])
     wanted = {"CPU": cpus_per_worker, "GPU": gpus_per_worker}
     for resource, amount in wanted.items():
         if amount and not any(node.get(resource, 0) >= amount for node in nodes):
