@@ -240,18 +240,17 @@ VALID_PRESET = {
     ],
     ids=["unknown-trainer-key", "driver-only-key", "trainer-value", "search-value", "extra-field", "architecture"],
 )
-def test_bad_preset_raises_user_error_naming_file_and_key(tmp_path, monkeypatch, edit, expected):
-    monkeypatch.setattr(config, "PRESETS_DIR", tmp_path)
-    (tmp_path / "toolrag").mkdir()
+def test_bad_preset_raises_user_error_naming_file_and_key(tmp_path, edit, expected):
+    """Presets given as files (--preset my.yaml) go through the same checks as shipped ones."""
     good = copy.deepcopy(VALID_PRESET)
-    (tmp_path / "toolrag" / "good.yaml").write_text(yaml.safe_dump(good))
-    assert load_preset("toolrag", "good").trainer == good["trainer"]  # guard: the base is valid
+    (tmp_path / "good.yaml").write_text(yaml.safe_dump(good))
+    assert load_preset("toolrag", str(tmp_path / "good.yaml")).trainer == good["trainer"]  # guard: the base is valid
     bad = copy.deepcopy(VALID_PRESET)
     edit(bad)
-    path = tmp_path / "toolrag" / "bad.yaml"
+    path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(bad))
     with pytest.raises(UserError) as caught:
-        load_preset("toolrag", "bad")
+        load_preset("toolrag", str(path))
     assert str(path) in str(caught.value)
     assert expected in str(caught.value)
 
@@ -322,3 +321,12 @@ def test_bad_target_error_names_the_metric(tmp_path):
     with pytest.raises(UserError) as caught:
         load_targets("toolrag", path)
     assert "toolrag.tool_count.tolerance" in str(caught.value)
+
+
+def test_a_preset_is_a_shipped_name_or_a_yaml_file(tmp_path):
+    assert config.preset_path("planner", "local") == SPACES / "presets" / "planner" / "local.yaml"
+    assert config.preset_path("toolrag", str(tmp_path / "mine.yaml")) == tmp_path / "mine.yaml"
+    with pytest.raises(UserError, match="--preset huge"):
+        config.preset_path("toolrag", "huge")
+    with pytest.raises(UserError, match="file not found"):
+        load_preset("toolrag", str(tmp_path / "missing.yaml"))

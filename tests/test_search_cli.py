@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -147,3 +148,32 @@ def test_planner_smoke_search_tracks_trials_templates_and_plans(tmp_path, mlflow
                            text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "[base] using the local planner base cached" in again.stdout
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_failing_trials_are_recorded_and_the_failure_budget_ends_the_search(tmp_path, mlflow_runs):
+    """A preset whose LoRA targets a module the model lacks: every trial raises at start-up.
+    Each is a FAILED run holding the reason, and the search stops at the failure budget
+    instead of running all six."""
+    preset = yaml.safe_load((PROJECT / "search_spaces" / "presets" / "planner" / "tiny.yaml").read_text())
+    preset["trainer"]["lora_target_modules"] = ["no_such_proj"]
+    preset_file = tmp_path / "broken-lora.yaml"
+    preset_file.write_text(yaml.safe_dump(preset))
+    uri = f"sqlite:///{tmp_path / 'budget.db'}"
+    completed = subprocess.run(
+        [sys.executable, "tuning/search.py", "--model", "planner", "--preset", str(preset_file), "--num-samples", "6",
+         "--max-concurrent", "1", "--max-failed-trials", "2", "--tracking-uri", uri,
+         "--results-dir", str(tmp_path / "results"), "--experiment-name", "budget"],
+        cwd=PROJECT, capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 1, completed.stderr[-3000:]
+    assert "The search stopped early: 2 trials failed (--max-failed-trials 2)" in completed.stdout
+    client, trials = mlflow_runs(uri, "budget", "trial")
+    failed = [run for run in trials if run.info.status == "FAILED"]
+    assert len(failed) >= 2 and len(trials) < 6
+    assert all("no_such_proj" in run.data.tags["error"] for run in failed)
+    assert not [run for run in trials if run.info.status == "RUNNING"]
+    _, parents = mlflow_runs(uri, "budget", "parent")
+    assert [run.info.status for run in parents] == ["FAILED"]
+    assert parents[0].data.metrics["trials_failed"] >= 2

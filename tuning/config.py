@@ -180,8 +180,17 @@ def check_trainer_settings(model: str, settings: dict[str, Any], source: str) ->
         raise UserError(f"{source}: {_describe(error)}") from None
 
 
+def preset_path(model: str, preset: str) -> Path:
+    """A shipped preset by name (paper, local, tiny), or a YAML file of the same shape."""
+    if preset in PRESETS:
+        return PRESETS_DIR / model / f"{preset}.yaml"
+    if preset.endswith((".yaml", ".yml")):
+        return Path(preset).expanduser()
+    raise UserError(f"--preset {preset}: not one of {', '.join(PRESETS)} and not a .yaml file")
+
+
 def load_preset(model: str, preset: str) -> Preset:
-    path = PRESETS_DIR / model / f"{preset}.yaml"
+    path = preset_path(model, preset)
     raw = _read_yaml(path)
     try:
         loaded = Preset.model_validate(raw)

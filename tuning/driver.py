@@ -59,6 +59,7 @@ class SearchRequest:
     address: str | None
     callbacks: list[Any] = field(default_factory=list)
     trial_max_failures: int = 0
+    max_failed_trials: int | None = None
 
 
 def train_fn_for(model: str) -> Callable[[dict[str, Any]], None]:
@@ -244,8 +245,40 @@ def default_concurrency(request: SearchRequest) -> int:
     return max(1, limit)
 
 
-def run_search(request: SearchRequest):
-    """Run the search on the connected Ray cluster; returns Tune's ResultGrid."""
+class FailureBudget:
+    """Counts failed trials (as a Tune callback) and ends the search (as its stopper) once
+    `limit` have failed, so a broken setting cannot burn a cluster's hours trial after trial."""
+
+    def __init__(self, limit: int | None):
+        from ray import tune
+
+        self.limit = limit
+        self.failed = 0
+        budget = self
+
+        class _Counter(tune.Callback):
+            def on_trial_error(self, iteration, trials, trial, **info):
+                budget.failed += 1
+                if budget.exhausted:
+                    print(f"[search] {budget.failed} trials failed, the budget (--max-failed-trials "
+                          f"{budget.limit}): stopping the search", flush=True)
+
+        class _Stopper(tune.Stopper):
+            def __call__(self, trial_id, result):
+                return False
+
+            def stop_all(self):
+                return budget.exhausted
+
+        self.callback, self.stopper = _Counter(), _Stopper()
+
+    @property
+    def exhausted(self) -> bool:
+        return self.limit is not None and self.failed >= self.limit
+
+
+def run_search(request: SearchRequest) -> FailureBudget:
+    """Run the search on the connected Ray cluster; returns the failure count and budget."""
     import optuna
     import ray
     from ray import tune
@@ -275,6 +308,7 @@ def run_search(request: SearchRequest):
         "train_storage_path": str(storage / "train"),
     }
     max_concurrent = request.max_concurrent or default_concurrency(request)
+    budget = FailureBudget(request.max_failed_trials)
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(trial_driver, static=static), TRIAL_DRIVER_RESOURCES),
         param_space=_tune_space(request.param_space),
@@ -286,11 +320,13 @@ def run_search(request: SearchRequest):
             reuse_actors=False, time_budget_s=request.time_budget_s,
         ),
         run_config=tune.RunConfig(
-            name=request.experiment_name, storage_path=str(storage / "tune"), callbacks=request.callbacks,
+            name=request.experiment_name, storage_path=str(storage / "tune"),
+            callbacks=[*request.callbacks, budget.callback], stop=budget.stopper,
             failure_config=tune.FailureConfig(max_failures=request.trial_max_failures), verbose=1,
         ),
     )
     print(f"[search] {request.num_samples} trials, up to {max_concurrent} at once, "
           f"{request.workers_per_trial} worker(s) x {request.cpus_per_worker} CPU"
           + (f" x {request.gpus_per_worker} GPU" if request.gpus_per_worker else "") + " per trial", flush=True)
-    return tuner.fit()
+    tuner.fit()
+    return budget

@@ -22,8 +22,8 @@ from trainers.data import HUB_DATASET_ID, Dataset, load_dataset_dir
 from trainers.models import resolve_source
 from trainers.planner_base import base_cache_dir
 from tuning.config import (
-    PRESETS_DIR, SPACES_DIR, TARGETS_FILE, TRAINER_CONFIGS, UserError, load_preset,
-    load_search_space, load_targets,
+    PRESETS, SPACES_DIR, TARGETS_FILE, TRAINER_CONFIGS, UserError, load_preset, load_search_space,
+    load_targets, preset_path,
 )
 from tuning.driver import SearchRequest
 
@@ -143,12 +143,16 @@ def prepare(args: argparse.Namespace) -> PreparedSearch:
     """Validate every input; raises UserError (or DataError/SourceUnavailable, also user errors)."""
     preset_name = "tiny" if args.smoke else args.preset
     preset = load_preset(args.model, preset_name)
+    preset_file = preset_path(args.model, preset_name)
+    if preset_name not in PRESETS:
+        preset_name = preset_file.stem
     space_path = Path(args.space) if args.space else SPACES_DIR / preset.search.space
     space = load_search_space(args.model, space_path, preset.trainer)
     targets = load_targets(args.model)
 
     for flag, value, low in (("--workers-per-trial", args.workers_per_trial, 1), ("--num-samples", args.num_samples, 1),
-                             ("--max-concurrent", args.max_concurrent, 1), ("--top-k", args.top_k, 1)):
+                             ("--max-concurrent", args.max_concurrent, 1), ("--top-k", args.top_k, 1),
+                             ("--max-failed-trials", args.max_failed_trials, 1)):
         if value is not None and value < low:
             raise UserError(f"{flag} {value}: must be at least {low}")
     if args.cpus_per_worker <= 0:
@@ -216,7 +220,7 @@ def prepare(args: argparse.Namespace) -> PreparedSearch:
         gpus_per_worker=args.gpus_per_worker, seed=args.seed, objective=args.objective,
         grace_period=preset.search.grace_period, reduction_factor=preset.search.reduction_factor,
         time_budget_s=args.time_budget_s if args.time_budget_s is not None else preset.search.time_budget_s,
-        address=args.address,
+        address=args.address, max_failed_trials=args.max_failed_trials,
     )
     fixed = {k: v for k, v in trainer_base.items() if k not in ("targets", "cache_dir", "architecture")}
     fixed.update(model_source=model_source, preset=preset_name, data_fingerprint=dataset.fingerprint)
@@ -227,7 +231,7 @@ def prepare(args: argparse.Namespace) -> PreparedSearch:
     return PreparedSearch(
         request=request, base_build=base_build, tracking_uri=tracking_uri, results_dir=results_dir, run_name=run_name,
         experiment_name=experiment_name, preset_name=preset_name, targets=targets, dataset=dataset,
-        files=[space_path, PRESETS_DIR / args.model / f"{preset_name}.yaml", TARGETS_FILE],
+        files=[space_path, preset_file, TARGETS_FILE],
         top_k=args.top_k, fixed_params=fixed,
     )
 
@@ -276,6 +280,7 @@ def execute(prepared: PreparedSearch) -> int:
     parent_params = {
         "model": request.model, "preset": prepared.preset_name, "objective": request.objective,
         "num_samples": request.num_samples, "seed": request.seed, "workers_per_trial": request.workers_per_trial,
+        "max_failed_trials": request.max_failed_trials,
         "cpus_per_worker": request.cpus_per_worker, "gpus_per_worker": request.gpus_per_worker,
         "data_source": prepared.dataset.source, "data_fingerprint": prepared.dataset.fingerprint,
         "train_examples": len(prepared.dataset.train), "test_examples": len(prepared.dataset.test),
@@ -288,10 +293,10 @@ def execute(prepared: PreparedSearch) -> int:
     print(f"[mlflow] parent run {tracker.parent_run_id} in {prepared.tracking_uri} "
           f"(experiment {prepared.experiment_name})", flush=True)
     request.callbacks = [tracker.callback(prepared.fixed_params)]
-    status = "FAILED"
+    status, budget = "FAILED", None
     try:
-        driver.run_search(request)
-        status = "FINISHED"
+        budget = driver.run_search(request)
+        status = "FAILED" if budget.exhausted else "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -335,6 +340,10 @@ def execute(prepared: PreparedSearch) -> int:
     if version:
         print(f"Registered {REGISTERED_MODEL[request.model]} version {version} as alias 'closest-to-paper'.")
     print(f"MLflow: mlflow ui --backend-store-uri {prepared.tracking_uri} --host 127.0.0.1 --port 5000")
+    if budget is not None and budget.exhausted:
+        print(f"The search stopped early: {budget.failed} trials failed (--max-failed-trials {budget.limit}). "
+              "Each FAILED run in MLflow holds its error in the `error` tag.")
+        return 1
     if not ranked:
         print("No trial produced a result; see the errors above and the FAILED runs in MLflow.")
         return 1

@@ -24,8 +24,9 @@ from tuning.config import MODELS, PRESETS  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Ray Tune + Optuna search for TinyAgent training configurations.")
     parser.add_argument("--model", required=True, choices=MODELS)
-    parser.add_argument("--preset", default="local", choices=PRESETS,
-                        help="paper: the paper's model (GPU cluster); local: laptop default; tiny: tests")
+    parser.add_argument("--preset", default="local",
+                        help=f"{', '.join(PRESETS)} or a preset YAML file. paper: the paper's model (GPU cluster); "
+                             "local: laptop default; tiny: tests")
     parser.add_argument("--smoke", action="store_true", help="tiny preset, a few trials, about a minute or two")
     parser.add_argument("--data", help="folder with training_data.json and testing_data.json, or the hub id "
                                        "squeeze-ai-lab/TinyAgent-dataset (default: synthetic data, generated once)")
@@ -46,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="distance: minimise paper_distance; pareto (toolrag): recall up and tools retrieved down")
     parser.add_argument("--time-budget-s", type=float, help="stop starting trials after this many seconds")
     parser.add_argument("--top-k", type=int, default=5, help="how many closest trials to tag and print")
+    parser.add_argument("--max-failed-trials", type=int, default=5,
+                        help="stop the search once this many trials have failed (default 5; each failure is "
+                             "recorded in MLflow with its reason)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
