@@ -1,9 +1,15 @@
 """Pieces both trainers' workers share: packed token storage, length-grouped batches that
-keep DDP ranks in step, cross-worker sums, and bf16 autocast on GPUs only."""
+keep DDP ranks in step, cross-worker sums, bf16 autocast on GPUs only, and the optimiser
+state a checkpoint carries so a restarted worker group goes on from it."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
+
+TRAINER_STATE_FILE = "trainer_state.pt"
 
 
 def pack_sequences(sequences: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -50,3 +56,14 @@ def uses_bf16(device: torch.device, enabled: bool) -> bool:
 
 def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=uses_bf16(device, enabled))
+
+
+def save_trainer_state(directory: str, epoch: int, optimizer, scheduler, **extra: Any) -> None:
+    """What resuming needs beyond the weights: the epoch, optimiser and schedule, trainer extras."""
+    torch.save({"epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **extra},
+               Path(directory) / TRAINER_STATE_FILE)
+
+
+def load_trainer_state(directory: str) -> dict[str, Any] | None:
+    path = Path(directory) / TRAINER_STATE_FILE
+    return torch.load(path, weights_only=True) if path.exists() else None

@@ -24,7 +24,9 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from trainers.batching import all_reduce_sum, autocast, length_grouped_batches, pack_sequences
+from trainers.batching import (
+    all_reduce_sum, autocast, length_grouped_batches, load_trainer_state, pack_sequences, save_trainer_state,
+)
 from trainers.evaluation import paper_distance, wilson_interval
 from trainers.planner_base import compact_system_prompt
 from trainers.planner_prompts import IGNORE_INDEX, PLANNER_TEMPLATES, encode_example, render_prompt
@@ -266,6 +268,16 @@ def _save_checkpoint(model, tokenizer, config: PlannerConfig, directory: str) ->
     Path(directory, "planner.json").write_text(config.model_dump_json(indent=2))
 
 
+def _trainable_from_checkpoint(directory: str):
+    """Base + the checkpoint's adapter, with the adapter trainable again (resuming a trial)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    config = PlannerConfig.model_validate_json(Path(directory, "planner.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(config.model_path, dtype=torch.float32)
+    return PeftModel.from_pretrained(base, directory, is_trainable=True)
+
+
 def load_checkpoint(directory: str):
     """(base + trained adapter, tokenizer, config) from a checkpoint folder written by a trial."""
     from peft import PeftModel
@@ -312,7 +324,15 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     train_split = encode_train_split(tokenizer, train_examples, config)
     data_prep_seconds = time.perf_counter() - started
 
-    model = ray.train.torch.prepare_model(build_lora_model(config))
+    # A worker group restarted after a failure (a lost node) goes on from the last checkpoint.
+    resumed, state = ray.train.get_checkpoint(), None
+    if resumed is not None:
+        with resumed.as_directory() as directory:
+            state = load_trainer_state(directory)
+            planner = _trainable_from_checkpoint(directory) if state else build_lora_model(config)
+    else:
+        planner = build_lora_model(config)
+    model = ray.train.torch.prepare_model(planner)
     collate = CausalLMBatches(train_split, tokenizer.pad_token_id)
     per_worker_batch = max(1, config.batch_size // world)
     micro = min(config.micro_batch_size, per_worker_batch)
@@ -324,8 +344,14 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
     targets = {config.paper_target: config.targets[config.paper_target].model_dump()}
     best_distance, best_state, best_key = math.inf, None, None
+    start_epoch = 1
+    if state is not None:  # the checkpoint is the best epoch so far: its adapter is the best state
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best_distance = state["epoch"] + 1, state["best_distance"]
+        best_key, best_state = tuple(state["best_key"]), lora_state(model)
 
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(start_epoch, config.epochs + 1):
         loss_total, steps = 0.0, 0
         collate.pad_tokens = collate.total_tokens = 0
         for indices in length_grouped_batches(lengths, per_worker_batch, epoch, config.seed, rank, world):
@@ -384,10 +410,13 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             train_fn_seconds=time.perf_counter() - started,
             world_size=world,
             sample_plans=json.dumps(samples, indent=1),
+            resumed_from_epoch=state["epoch"] if state else 0,
         )
         if improved and rank == 0:
             with tempfile.TemporaryDirectory() as directory:
                 _save_checkpoint(model, tokenizer, config, directory)
+                save_trainer_state(directory, epoch, optimizer, scheduler, best_distance=best_distance,
+                                   best_key=list(best_key))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics)

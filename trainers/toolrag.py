@@ -21,7 +21,9 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from trainers.batching import all_reduce_sum, autocast, length_grouped_batches, pack_sequences
+from trainers.batching import (
+    all_reduce_sum, autocast, length_grouped_batches, load_trainer_state, pack_sequences, save_trainer_state,
+)
 from trainers.evaluation import ToolRetrievalCounts, paper_distance
 from trainers.models import config_from_dict
 from trainers.tools import NUM_TOOLS, TOOL_NAMES
@@ -271,7 +273,15 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     pad_id = int(encoded["pad_id"])
     data_prep_seconds = time.perf_counter() - started
 
-    model = ray.train.torch.prepare_model(build_classifier(config))
+    # A worker group restarted after a failure (a lost node) goes on from the last checkpoint.
+    resumed, state = ray.train.get_checkpoint(), None
+    if resumed is not None:
+        with resumed.as_directory() as directory:
+            state = load_trainer_state(directory)
+            classifier = load_checkpoint(directory)[0] if state else build_classifier(config)
+    else:
+        classifier = build_classifier(config)
+    model = ray.train.torch.prepare_model(classifier)
     train_split = encoded["train"]
     collate = PaddedBatches(train_split, pad_id)
     per_worker_batch = max(1, config.batch_size // world)
@@ -286,8 +296,13 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     targets = {name: target.model_dump() for name, target in config.targets.items()}
     best_distance = math.inf
     checkpoint_tokenizer = None
+    start_epoch = 1
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best_distance = state["epoch"] + 1, state["best_distance"]
 
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(start_epoch, config.epochs + 1):
         loss_total, batches = 0.0, 0
         collate.pad_tokens = collate.total_tokens = 0
         for indices in length_grouped_batches(lengths, per_worker_batch, epoch, config.seed, rank, world):
@@ -323,6 +338,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             data_prep_seconds=data_prep_seconds,
             train_fn_seconds=time.perf_counter() - started,
             world_size=world,
+            resumed_from_epoch=state["epoch"] if state else 0,
         )
         if improved and rank == 0:
             if checkpoint_tokenizer is None:  # loaded once, and only by the rank that saves
@@ -331,6 +347,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
                 checkpoint_tokenizer = AutoTokenizer.from_pretrained(config.model_path)
             with tempfile.TemporaryDirectory() as directory:
                 _save_checkpoint(model, checkpoint_tokenizer, config, directory)
+                save_trainer_state(directory, epoch, optimizer, scheduler, best_distance=best_distance)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics)

@@ -60,6 +60,7 @@ class SearchRequest:
     callbacks: list[Any] = field(default_factory=list)
     trial_max_failures: int = 0
     max_failed_trials: int | None = None
+    retries_per_trial: int = 2
 
 
 def train_fn_for(model: str) -> Callable[[dict[str, Any]], None]:
@@ -111,7 +112,9 @@ def trial_driver(config: dict[str, Any], static: dict[str, Any]) -> None:
             storage_path=static["train_storage_path"],
             callbacks=[TuneReportCallback()],
             checkpoint_config=CheckpointConfig(num_to_keep=1),
-            failure_config=FailureConfig(max_failures=0),
+            # A lost worker or node restarts the worker group, which resumes from the trial's
+            # last checkpoint (see the trainers' get_checkpoint), not from epoch 0.
+            failure_config=FailureConfig(max_failures=static["retries_per_trial"]),
         ),
     )
     trainer.fit()
@@ -306,6 +309,7 @@ def run_search(request: SearchRequest) -> FailureBudget:
         "cpus_per_worker": request.cpus_per_worker,
         "gpus_per_worker": request.gpus_per_worker,
         "train_storage_path": str(storage / "train"),
+        "retries_per_trial": request.retries_per_trial,
     }
     max_concurrent = request.max_concurrent or default_concurrency(request)
     budget = FailureBudget(request.max_failed_trials)

@@ -21,7 +21,7 @@ PARENT_TAG = "mlflow.parentRunId"
 # Result keys worth a per-epoch curve in MLflow; the rest are Ray's bookkeeping.
 EPOCH_METRIC_PREFIXES = ("tool_", "paper_distance", "best_paper_distance", "train_loss", "recall/",
                          "padding_waste", "cpu_seconds", "gpu_seconds", "plan_", "empty_output_rate",
-                         "eval_examples", "full_test_set")
+                         "eval_examples", "full_test_set", "resumed_from_epoch")
 # Best-epoch figures copied to `final_*` metrics when a trial ends (those a model reports).
 FINAL_KEYS = ("tool_recall", "tool_recall_ci_low", "tool_recall_ci_high", "tool_count", "tool_count_ci_low",
               "tool_count_ci_high", "tool_precision", "plan_success", "plan_success_ci_low", "plan_success_ci_high",
@@ -41,6 +41,7 @@ class TrialRecord:
     status: str = "RUNNING"
     stopped_early: bool = False
     error: str | None = None
+    resumed_from: str | None = None
 
     @property
     def objective(self) -> float:
@@ -122,6 +123,12 @@ class SearchTracker:
         metrics = [Metric(k, float(v), now, epoch) for k, v in result.items()
                    if k.startswith(EPOCH_METRIC_PREFIXES) and isinstance(v, (int, float)) and math.isfinite(v)]
         self.client.log_batch(record.run_id, metrics=metrics)
+        if result.get("resumed_from_epoch"):  # the worker group was restarted: say so, once per restart
+            resumed = str(int(result["resumed_from_epoch"]))
+            if record.resumed_from != resumed:
+                record.resumed_from = resumed
+                self.client.log_batch(record.run_id, tags=[RunTag("retried", "true"),
+                                                           RunTag("resumed_from_epoch", resumed)])
         if isinstance(result.get("sample_plans"), str):  # what the model wrote, for a person to read
             self.client.log_text(record.run_id, result["sample_plans"], f"sample_plans/epoch-{epoch:03d}.json")
 
