@@ -111,21 +111,25 @@ def test_a_lost_node_resumes_the_trial_from_its_last_checkpoint(cluster, small_d
     head_cluster, _ = cluster
     head_cluster.add_node(num_cpus=1)  # room for the restarted worker whichever node is lost
     head_cluster.wait_for_nodes()
-    loop = _toolrag_loop(small_data_dir, tmp_path / "cache", epochs=6)
+    loop = _toolrag_loop(small_data_dir, tmp_path / "cache", epochs=8)
     storage = tmp_path / "shared"
     outcome: dict = {}
     runner = threading.Thread(target=lambda: outcome.update(result=_fit(loop, 1, storage, "node-loss", retries=2)))
     runner.start()
+    # Wait until the controller has registered a checkpoint (it records each in this snapshot),
+    # not merely until one is on disk: a restart before that would rightly start from epoch 0.
+    snapshot = storage / "node-loss" / "checkpoint_manager_snapshot.json"
     deadline = time.time() + 240
-    while not list((storage / "node-loss").glob("checkpoint_*")) and time.time() < deadline:
+    while not (snapshot.exists() and "checkpoint_" in snapshot.read_text()) and time.time() < deadline:
         time.sleep(0.1)
-    assert time.time() < deadline, "no checkpoint written"
+    assert time.time() < deadline, "no checkpoint registered"
     worker = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])[0]
     lost = next(node for node in head_cluster.list_all_nodes() if node.node_id == worker.node_id)
     head_cluster.remove_node(lost)
     runner.join(timeout=300)
     result = outcome["result"]
     assert result.error is None
-    assert result.metrics["epoch"] == 6
+    assert result.metrics["epoch"] == 8
     # The restarted worker group read the checkpoint: it went on after that epoch.
     assert result.metrics["resumed_from_epoch"] >= 1
+    print(f"\n[node-loss] the restarted worker group resumed after epoch {result.metrics['resumed_from_epoch']}")

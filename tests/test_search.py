@@ -87,3 +87,48 @@ def test_no_placement_group_is_left_and_every_cpu_is_free(smoke_search, ray_2_cp
             break
         time.sleep(0.5)
     assert alive == [] and cpus == 2
+
+
+SOAK_TRIALS = 30
+
+
+@pytest.fixture(scope="module")
+def soak_search(ray_2_cpus, tmp_path_factory):
+    """30 tiny trials with early stopping, on the test's Ray, so leaks can be counted after."""
+    from tuning.orchestrator import execute, prepare
+    from tuning.search import parse_args
+
+    root = tmp_path_factory.mktemp("soak")
+    args = parse_args(["--model", "toolrag", "--smoke", "--num-samples", str(SOAK_TRIALS), "--results-dir", str(root),
+                       "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}", "--storage", str(root / "storage"),
+                       "--experiment-name", "soak"])
+    return {"exit_code": execute(prepare(args)), "root": root}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_long_search_leaks_nothing(soak_search, ray_2_cpus, mlflow_runs):
+    from ray.util import placement_group_table
+    from ray.util.state import list_actors
+
+    assert soak_search["exit_code"] == 0
+    _, trials = mlflow_runs(f"sqlite:///{soak_search['root'] / 'mlflow.db'}", "soak", "trial")
+    assert len(trials) == SOAK_TRIALS
+    assert sum(run.data.tags.get("stopped_early") == "true" for run in trials) >= SOAK_TRIALS // 3
+    deadline = time.time() + 30
+    while True:
+        groups = [pg for pg in placement_group_table().values() if pg["state"] != "REMOVED"]
+        trial_actors = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
+                        if a.class_name in ("TrainController", "RayTrainWorker", "ImplicitFunc")
+                        or "trial_driver" in (a.class_name or "")]
+        cpus = ray_2_cpus.available_resources().get("CPU", 0)
+        if (not groups and not trial_actors and cpus == 2) or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert groups == [] and trial_actors == [] and cpus == 2
+    # Each trial's Train run keeps one checkpoint at most (its best epoch).
+    runs = [d for d in (soak_search["root"] / "storage" / "train").iterdir() if d.is_dir()]
+    assert len(runs) == SOAK_TRIALS
+    assert max(len([c for c in run.glob("checkpoint_*") if c.is_dir()]) for run in runs) == 1
+    disk = sum(f.stat().st_size for f in (soak_search["root"] / "storage").rglob("*") if f.is_file())
+    print(f"\n[soak] {SOAK_TRIALS} trials, {disk / SOAK_TRIALS / 1e6:.2f} MB of Ray storage per trial")
