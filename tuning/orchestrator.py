@@ -153,7 +153,7 @@ def prepare(args: argparse.Namespace) -> PreparedSearch:
     for flag, value, low in (("--workers-per-trial", args.workers_per_trial, 1), ("--num-samples", args.num_samples, 1),
                              ("--max-concurrent", args.max_concurrent, 1), ("--top-k", args.top_k, 1),
                              ("--max-failed-trials", args.max_failed_trials, 1),
-                             ("--retries-per-trial", args.retries_per_trial, 0)):
+                             ("--retries-per-trial", args.retries_per_trial if args.retries_per_trial is not None else 0, 0)):
         if value is not None and value < low:
             raise UserError(f"{flag} {value}: must be at least {low}")
     if args.cpus_per_worker <= 0:
@@ -221,7 +221,10 @@ def prepare(args: argparse.Namespace) -> PreparedSearch:
         gpus_per_worker=args.gpus_per_worker, seed=args.seed, objective=args.objective,
         grace_period=preset.search.grace_period, reduction_factor=preset.search.reduction_factor,
         time_budget_s=args.time_budget_s if args.time_budget_s is not None else preset.search.time_budget_s,
-        address=args.address, max_failed_trials=args.max_failed_trials, retries_per_trial=args.retries_per_trial,
+        address=args.address, max_failed_trials=args.max_failed_trials,
+        # On the local Ray no node is lost, and a restart would only race the teardown of a
+        # trial ASHA stopped (its workers then fail their health check).
+        retries_per_trial=args.retries_per_trial if args.retries_per_trial is not None else (2 if args.address else 0),
     )
     fixed = {k: v for k, v in trainer_base.items() if k not in ("targets", "cache_dir", "architecture")}
     fixed.update(model_source=model_source, preset=preset_name, data_fingerprint=dataset.fingerprint)

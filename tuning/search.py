@@ -47,9 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="distance: minimise paper_distance; pareto (toolrag): recall up and tools retrieved down")
     parser.add_argument("--time-budget-s", type=float, help="stop starting trials after this many seconds")
     parser.add_argument("--top-k", type=int, default=5, help="how many closest trials to tag and print")
-    parser.add_argument("--retries-per-trial", type=int, default=2,
+    parser.add_argument("--retries-per-trial", type=int,
                         help="restarts of a trial's workers after a failure such as a lost node; each resumes "
-                             "from the trial's last checkpoint (default 2)")
+                             "from the trial's last checkpoint (default: 2 with --address, 0 on the local Ray)")
     parser.add_argument("--max-failed-trials", type=int, default=5,
                         help="stop the search once this many trials have failed (default 5; each failure is "
                              "recorded in MLflow with its reason)")
