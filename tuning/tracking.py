@@ -220,6 +220,14 @@ class MlflowTrialCallback(tune.Callback):
         self.tracker.trial_ended(trial.trial_id, "FINISHED", None, trial.config, self.fixed_params)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        error = trial.get_error() if hasattr(trial, "get_error") else None
-        self.tracker.trial_ended(trial.trial_id, "FAILED", str(error) if error else "trial raised",
-                                 trial.config, self.fixed_params)
+        self.tracker.trial_ended(trial.trial_id, "FAILED", _error_text(trial), trial.config, self.fixed_params)
+
+
+def _error_text(trial) -> str:
+    """The trial's error as Tune recorded it. At on_trial_error time it is in the trial's local
+    error file; the copy `Trial.get_error` reads from storage is written later."""
+    local = getattr(trial, "error_file", None)
+    if local and Path(local).is_file():
+        return Path(local).read_text()
+    error = trial.get_error() if hasattr(trial, "get_error") else None
+    return str(error) if error else "trial raised (no error text recorded)"
