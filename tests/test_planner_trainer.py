@@ -262,3 +262,8 @@ def test_two_workers_score_the_whole_test_set_and_keep_one_adapter(ray_2_cpus, b
     assert not list(checkpoints[0].glob("model.safetensors")), "the checkpoint holds the adapter, not the base"
     model, _, saved = load_checkpoint(str(checkpoints[0]))
     assert saved.model_path == str(built_base) and saved.micro_batch_size == 4
+    assert not any(p.requires_grad for p in model.parameters())  # for use: frozen
+    resumed, _, _ = load_checkpoint(str(checkpoints[0]), trainable=True)  # for a restarted trial
+    assert {n for n, p in resumed.named_parameters() if p.requires_grad} == {
+        n for n, _ in resumed.named_parameters() if "lora_" in n}
+    assert (checkpoints[0] / "trainer_state.pt").is_file()

@@ -49,6 +49,46 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+class PaddedBatches:
+    """Collate function over packed sequences: pads each batch to its longest sequence and
+    counts pad tokens. `split` holds "flat", "offsets" and per-sequence "labels" (one row each);
+    a subclass can pad per-token labels instead (see `labels_for`)."""
+
+    def __init__(self, split: dict[str, torch.Tensor], pad_id: int):
+        self.flat, self.offsets, self.labels, self.pad_id = split["flat"], split["offsets"], split["labels"], pad_id
+        self.pad_tokens = 0
+        self.total_tokens = 0
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @staticmethod
+    def padded(values: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, longest: int, fill: int) -> torch.Tensor:
+        """Rows values[start:end], right-padded with `fill` to `longest`."""
+        out = torch.full((len(starts), longest), fill, dtype=torch.long)
+        for row, (start, end) in enumerate(zip(starts.tolist(), ends.tolist())):
+            out[row, : end - start] = values[start:end]
+        return out
+
+    def labels_for(self, indices: list[int], starts: torch.Tensor, ends: torch.Tensor, longest: int) -> torch.Tensor:
+        return self.labels[indices]
+
+    def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        starts, ends = self.offsets[indices], self.offsets[[i + 1 for i in indices]]
+        longest = int((ends - starts).max())
+        input_ids = self.padded(self.flat, starts, ends, longest, self.pad_id)
+        attention_mask = (torch.arange(longest).unsqueeze(0) < (ends - starts).unsqueeze(1)).long()
+        self.total_tokens += input_ids.numel()
+        self.pad_tokens += input_ids.numel() - int(attention_mask.sum())
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "labels": self.labels_for(indices, starts, ends, longest)}
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP wrapper (what prepare_model returns with 2+ workers)."""
+    return model.module if hasattr(model, "module") else model
+
+
 def uses_bf16(device: torch.device, enabled: bool) -> bool:
     """bf16 autocast on GPUs only: CPU bf16 kernels are slower than fp32 on most laptops."""
     return enabled and device.type == "cuda"

@@ -25,7 +25,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trainers.batching import (
-    all_reduce_sum, autocast, length_grouped_batches, load_trainer_state, pack_sequences, save_trainer_state,
+    PaddedBatches, all_reduce_sum, autocast, length_grouped_batches, load_trainer_state, pack_sequences,
+    save_trainer_state, unwrap,
 )
 from trainers.evaluation import paper_distance, wilson_interval
 from trainers.planner_base import compact_system_prompt
@@ -136,30 +137,11 @@ def encode_train_split(tokenizer, examples: list[dict[str, Any]], config: Planne
     return packed
 
 
-class CausalLMBatches:
-    """Collate function: right-pads ids (pad id) and labels (IGNORE_INDEX), counts pad tokens."""
+class CausalLMBatches(PaddedBatches):
+    """PaddedBatches whose labels are per token: padded with IGNORE_INDEX, so the loss skips them."""
 
-    def __init__(self, split: dict[str, torch.Tensor], pad_id: int):
-        self.flat, self.offsets, self.labels, self.pad_id = split["flat"], split["offsets"], split["labels"], pad_id
-        self.pad_tokens = 0
-        self.total_tokens = 0
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        starts, ends = self.offsets[indices], self.offsets[[i + 1 for i in indices]]
-        longest = int((ends - starts).max())
-        input_ids = torch.full((len(indices), longest), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(indices), longest), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(indices), longest), dtype=torch.long)
-        for row, (start, end) in enumerate(zip(starts.tolist(), ends.tolist())):
-            input_ids[row, : end - start] = self.flat[start:end]
-            labels[row, : end - start] = self.labels[start:end]
-            attention_mask[row, : end - start] = 1
-        self.total_tokens += input_ids.numel()
-        self.pad_tokens += input_ids.numel() - int(attention_mask.sum())
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    def labels_for(self, indices, starts, ends, longest) -> torch.Tensor:
+        return self.padded(self.labels, starts, ends, longest, IGNORE_INDEX)
 
 
 def generate_plans(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
@@ -233,7 +215,7 @@ def evaluate(model, tokenizer, examples: list[dict[str, Any]], config: PlannerCo
     """
     mine = examples[rank::world]
     prompts = [prompt_ids(tokenizer, e["messages"], config) for e in mine]
-    unwrapped = model.module if hasattr(model, "module") else model
+    unwrapped = unwrap(model)
     unwrapped.eval()
     predicted = generate_plans(unwrapped, tokenizer, prompts, config.max_new_tokens, config.eval_batch_size,
                                device, config.bf16)
@@ -248,44 +230,32 @@ def evaluate(model, tokenizer, examples: list[dict[str, Any]], config: PlannerCo
 
 def lora_state(model) -> dict[str, torch.Tensor]:
     """A copy of the trainable (adapter) weights: what 'the best epoch' restores."""
-    unwrapped = model.module if hasattr(model, "module") else model
-    return {name: p.detach().clone() for name, p in unwrapped.named_parameters() if p.requires_grad}
+    return {name: p.detach().clone() for name, p in unwrap(model).named_parameters() if p.requires_grad}
 
 
 def _restore_lora_state(model, state: dict[str, torch.Tensor]) -> None:
-    unwrapped = model.module if hasattr(model, "module") else model
     with torch.no_grad():
-        for name, parameter in unwrapped.named_parameters():
+        for name, parameter in unwrap(model).named_parameters():
             if name in state:
                 parameter.copy_(state[name])
 
 
 def _save_checkpoint(model, tokenizer, config: PlannerConfig, directory: str) -> None:
     """The adapter only, its tokenizer, and the config that names the base."""
-    unwrapped = model.module if hasattr(model, "module") else model
-    unwrapped.save_pretrained(directory)
+    unwrap(model).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     Path(directory, "planner.json").write_text(config.model_dump_json(indent=2))
 
 
-def _trainable_from_checkpoint(directory: str):
-    """Base + the checkpoint's adapter, with the adapter trainable again (resuming a trial)."""
+def load_checkpoint(directory: str, trainable: bool = False):
+    """(base + trained adapter, tokenizer, config) from a checkpoint folder written by a trial;
+    `trainable` keeps the adapter trainable, to resume the trial."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     config = PlannerConfig.model_validate_json(Path(directory, "planner.json").read_text())
     base = AutoModelForCausalLM.from_pretrained(config.model_path, dtype=torch.float32)
-    return PeftModel.from_pretrained(base, directory, is_trainable=True)
-
-
-def load_checkpoint(directory: str):
-    """(base + trained adapter, tokenizer, config) from a checkpoint folder written by a trial."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    config = PlannerConfig.model_validate_json(Path(directory, "planner.json").read_text())
-    base = AutoModelForCausalLM.from_pretrained(config.model_path, dtype=torch.float32)
-    return PeftModel.from_pretrained(base, directory), load_tokenizer(directory), config
+    return PeftModel.from_pretrained(base, directory, is_trainable=trainable), load_tokenizer(directory), config
 
 
 def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
@@ -329,7 +299,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     if resumed is not None:
         with resumed.as_directory() as directory:
             state = load_trainer_state(directory)
-            planner = _trainable_from_checkpoint(directory) if state else build_lora_model(config)
+            planner = load_checkpoint(directory, trainable=True)[0] if state else build_lora_model(config)
     else:
         planner = build_lora_model(config)
     model = ray.train.torch.prepare_model(planner)

@@ -22,7 +22,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trainers.batching import (
-    all_reduce_sum, autocast, length_grouped_batches, load_trainer_state, pack_sequences, save_trainer_state,
+    PaddedBatches, all_reduce_sum, autocast, length_grouped_batches, load_trainer_state, pack_sequences,
+    save_trainer_state, unwrap,
 )
 from trainers.evaluation import ToolRetrievalCounts, paper_distance
 from trainers.models import config_from_dict
@@ -190,30 +191,6 @@ def tokenize_splits(config: ToolRAGConfig, data: dict[str, Any], data_fingerprin
     return encoded
 
 
-class PaddedBatches:
-    """Collate function that pads to the longest sequence in the batch and counts pad tokens."""
-
-    def __init__(self, split: dict[str, torch.Tensor], pad_id: int):
-        self.flat, self.offsets, self.labels, self.pad_id = split["flat"], split["offsets"], split["labels"], pad_id
-        self.pad_tokens = 0
-        self.total_tokens = 0
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        starts, ends = self.offsets[indices], self.offsets[[i + 1 for i in indices]]
-        longest = int((ends - starts).max())
-        input_ids = torch.full((len(indices), longest), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(indices), longest), dtype=torch.long)
-        for row, (start, end) in enumerate(zip(starts.tolist(), ends.tolist())):
-            input_ids[row, : end - start] = self.flat[start:end]
-            attention_mask[row, : end - start] = 1
-        self.total_tokens += input_ids.numel()
-        self.pad_tokens += input_ids.numel() - int(attention_mask.sum())
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": self.labels[indices]}
-
-
 def _evaluate(model, split: dict[str, Any], pad_id: int, config: ToolRAGConfig, device, rank: int, world: int):
     """Score this worker's slice of the held-out set and all-reduce the sums."""
     collate = PaddedBatches(split, pad_id)
@@ -231,8 +208,7 @@ def _evaluate(model, split: dict[str, Any], pad_id: int, config: ToolRAGConfig, 
 
 
 def _save_checkpoint(model, tokenizer, config: ToolRAGConfig, directory: str) -> None:
-    unwrapped = model.module if hasattr(model, "module") else model
-    unwrapped.save_pretrained(directory)
+    unwrap(model).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     Path(directory, "toolrag.json").write_text(config.model_dump_json(indent=2))
 
