@@ -8,6 +8,7 @@ to Train workers.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,12 @@ PLACEMENT_GROUP_WAIT_S = 30.0
 # Where `ray up` leaves the autoscaler's config on the head node.
 AUTOSCALING_CONFIG = Path("~/ray_bootstrap_config.yaml")
 SCHEDULER_METRIC = {"toolrag": "best_paper_distance", "planner": "best_early_stop_score"}
+# Tune saves the search's state (trials, searcher) at most every 10 s by default; whatever
+# happened since is unknown to `--resume` after a crash. The state is small, so save often.
+EXPERIMENT_STATE_PERIOD_S = "2"
+# Beside each trial's Train run: its final result, written by the driver when the trial ends.
+# A resumed search replays it instead of training a finished trial again.
+FINAL_RESULT_FILE = "final_result.json"
 
 
 @dataclass
@@ -61,6 +68,9 @@ class SearchRequest:
     trial_max_failures: int = 0
     max_failed_trials: int | None = None
     retries_per_trial: int = 2
+    # Continue the interrupted Tune run named experiment_name instead of starting one.
+    resume: bool = False
+    failed_before_resume: int = 0
 
 
 def train_fn_for(model: str) -> Callable[[dict[str, Any]], None]:
@@ -93,6 +103,40 @@ def scaling_config(workers: int, cpus_per_worker: float, gpus_per_worker: float)
     return ScalingConfig(num_workers=workers, use_gpu=bool(gpus_per_worker), resources_per_worker=resources)
 
 
+def train_run_name(experiment_name: str, trial_id: str) -> str:
+    # Stable per trial, so a retried or resumed trial finds its Train run (and checkpoint) again.
+    return f"{experiment_name}-{trial_id}"
+
+
+def _final_result_file(train_storage_path: str, run_name: str):
+    """(pyarrow filesystem, path) of a trial's final-result file, on local or cloud storage."""
+    from pyarrow import fs
+
+    filesystem, root = fs.FileSystem.from_uri(train_storage_path)
+    return filesystem, f"{root}/{run_name}/{FINAL_RESULT_FILE}"
+
+
+def read_final_result(train_storage_path: str, run_name: str) -> dict[str, Any] | None:
+    from pyarrow import fs
+
+    filesystem, path = _final_result_file(train_storage_path, run_name)
+    if filesystem.get_file_info(path).type == fs.FileType.NotFound:
+        return None
+    with filesystem.open_input_stream(path) as stream:
+        return json.loads(stream.read())
+
+
+def write_final_result(train_storage_path: str, run_name: str, result: dict[str, Any]) -> None:
+    from ray.tune.result import AUTO_RESULT_KEYS
+
+    filesystem, path = _final_result_file(train_storage_path, run_name)
+    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    kept = {k: v for k, v in result.items()
+            if k not in AUTO_RESULT_KEYS and k != "done" and isinstance(v, (int, float, str, bool))}
+    with filesystem.open_output_stream(path) as stream:
+        stream.write(json.dumps(kept).encode())
+
+
 def trial_driver(config: dict[str, Any], static: dict[str, Any]) -> None:
     """The Tune trainable: one trial = one TorchTrainer fit with this config."""
     from ray import tune
@@ -100,20 +144,26 @@ def trial_driver(config: dict[str, Any], static: dict[str, Any]) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    trial_id = tune.get_context().get_trial_id()
+    run_name = train_run_name(static["experiment_name"], tune.get_context().get_trial_id())
+    final = read_final_result(static["train_storage_path"], run_name)
+    if final is not None:
+        # The driver stopped after this trial ended but before Tune saved that; the resumed
+        # search restarts it. Report the result it ended with instead of training again.
+        tune.report({**final, "replayed_final_result": 1})
+        return
     trainer = TorchTrainer(
         train_fn_for(static["model"]),
         train_loop_config={"trainer": {**static["trainer_base"], **config}, "data": static["data_ref"],
                            "data_fingerprint": static["data_fingerprint"]},
         scaling_config=scaling_config(static["workers_per_trial"], static["cpus_per_worker"], static["gpus_per_worker"]),
         run_config=RunConfig(
-            # A stable name per trial lets a retried trial find its Train run again.
-            name=f"{static['experiment_name']}-{trial_id}",
+            name=run_name,
             storage_path=static["train_storage_path"],
             callbacks=[TuneReportCallback()],
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             # A lost worker or node restarts the worker group, which resumes from the trial's
-            # last checkpoint (see the trainers' get_checkpoint), not from epoch 0.
+            # last checkpoint (see the trainers' get_checkpoint), not from epoch 0. So does a
+            # trial the search resumes after its driver stopped.
             failure_config=FailureConfig(max_failures=static["retries_per_trial"]),
         ),
     )
@@ -248,15 +298,29 @@ def default_concurrency(request: SearchRequest) -> int:
     return max(1, limit)
 
 
+def final_result_recorder(experiment_name: str, train_storage_path: str):
+    """A Tune callback that writes each ended trial's last result beside its Train run (see
+    FINAL_RESULT_FILE): trials that finished or that ASHA stopped."""
+    from ray import tune
+
+    class _FinalResults(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            if trial.last_result:
+                write_final_result(train_storage_path, train_run_name(experiment_name, trial.trial_id),
+                                   trial.last_result)
+
+    return _FinalResults()
+
+
 class FailureBudget:
     """Counts failed trials (as a Tune callback) and ends the search (as its stopper) once
     `limit` have failed, so a broken setting cannot burn a cluster's hours trial after trial."""
 
-    def __init__(self, limit: int | None):
+    def __init__(self, limit: int | None, failed: int = 0):
         from ray import tune
 
         self.limit = limit
-        self.failed = 0
+        self.failed = failed
         budget = self
 
         class _Counter(tune.Callback):
@@ -298,7 +362,6 @@ def run_search(request: SearchRequest) -> FailureBudget:
     scheduler = ASHAScheduler(time_attr="training_iteration", metric=SCHEDULER_METRIC[request.model], mode="min",
                               max_t=max_epochs(request.trainer_base, request.param_space), grace_period=request.grace_period,
                               reduction_factor=request.reduction_factor)
-    storage = Path(request.storage_path)
     static = {
         "model": request.model,
         "experiment_name": request.experiment_name,
@@ -308,29 +371,53 @@ def run_search(request: SearchRequest) -> FailureBudget:
         "workers_per_trial": request.workers_per_trial,
         "cpus_per_worker": request.cpus_per_worker,
         "gpus_per_worker": request.gpus_per_worker,
-        "train_storage_path": str(storage / "train"),
+        "train_storage_path": storage_join(request.storage_path, "train"),
         "retries_per_trial": request.retries_per_trial,
     }
-    max_concurrent = request.max_concurrent or default_concurrency(request)
-    budget = FailureBudget(request.max_failed_trials)
-    tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(trial_driver, static=static), TRIAL_DRIVER_RESOURCES),
-        param_space=_tune_space(request.param_space),
-        tune_config=tune.TuneConfig(
-            search_alg=searcher, scheduler=scheduler, num_samples=request.num_samples,
-            max_concurrent_trials=max_concurrent,
-            # Actor reuse would keep an ASHA-stopped trial's TorchTrainer running in the reused
-            # actor (its fit() thread does not end within the reset timeout), so it stays off.
-            reuse_actors=False, time_budget_s=request.time_budget_s,
-        ),
-        run_config=tune.RunConfig(
-            name=request.experiment_name, storage_path=str(storage / "tune"),
-            callbacks=[*request.callbacks, budget.callback], stop=budget.stopper,
-            failure_config=tune.FailureConfig(max_failures=request.trial_max_failures), verbose=1,
-        ),
-    )
-    print(f"[search] {request.num_samples} trials, up to {max_concurrent} at once, "
-          f"{request.workers_per_trial} worker(s) x {request.cpus_per_worker} CPU"
-          + (f" x {request.gpus_per_worker} GPU" if request.gpus_per_worker else "") + " per trial", flush=True)
+    budget = FailureBudget(request.max_failed_trials, failed=request.failed_before_resume)
+    trainable = tune.with_resources(tune.with_parameters(trial_driver, static=static), TRIAL_DRIVER_RESOURCES)
+    callbacks = [*request.callbacks, budget.callback,
+                 final_result_recorder(request.experiment_name, static["train_storage_path"])]
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", EXPERIMENT_STATE_PERIOD_S)
+    if request.resume:
+        # The searcher (with Optuna's study), the scheduler and every trial's state come back
+        # from the run's saved state; finished and failed trials stay as they ended.
+        tuner = tune.Tuner.restore(tune_run_path(request), trainable, resume_unfinished=True, resume_errored=False)
+        # Callbacks and stoppers are pickled with the original run, bound to the dead driver's
+        # tracker; this driver's take their place.
+        run_config = tuner._local_tuner.get_run_config()
+        run_config.callbacks, run_config.stop = callbacks, budget.stopper
+        print(f"[search] resuming {request.experiment_name} from {tune_run_path(request)}", flush=True)
+    else:
+        max_concurrent = request.max_concurrent or default_concurrency(request)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=_tune_space(request.param_space),
+            tune_config=tune.TuneConfig(
+                search_alg=searcher, scheduler=scheduler, num_samples=request.num_samples,
+                max_concurrent_trials=max_concurrent,
+                # Actor reuse would keep an ASHA-stopped trial's TorchTrainer running in the reused
+                # actor (its fit() thread does not end within the reset timeout), so it stays off.
+                reuse_actors=False, time_budget_s=request.time_budget_s,
+            ),
+            run_config=tune.RunConfig(
+                name=request.experiment_name, storage_path=storage_join(request.storage_path, "tune"),
+                callbacks=callbacks, stop=budget.stopper,
+                failure_config=tune.FailureConfig(max_failures=request.trial_max_failures), verbose=1,
+            ),
+        )
+        print(f"[search] {request.num_samples} trials, up to {max_concurrent} at once, "
+              f"{request.workers_per_trial} worker(s) x {request.cpus_per_worker} CPU"
+              + (f" x {request.gpus_per_worker} GPU" if request.gpus_per_worker else "") + " per trial", flush=True)
     tuner.fit()
     return budget
+
+
+def storage_join(storage: str, *parts: str) -> str:
+    """A path under --storage; string joining, because Path() would turn s3://b into s3:/b."""
+    return "/".join([storage.rstrip("/"), *parts])
+
+
+def tune_run_path(request: SearchRequest) -> str:
+    """Where Tune keeps this search's state: STORAGE/tune/<run name>."""
+    return storage_join(request.storage_path, "tune", request.experiment_name)

@@ -45,7 +45,10 @@ class PreparedSearch:
     files: list[Path]
     top_k: int
     fixed_params: dict[str, Any]
+    parent_params: dict[str, Any]
     base_build: dict[str, Any] | None = None
+    # The parent run of the interrupted search `--resume` continues.
+    resume_parent_id: str | None = None
 
 
 def _git_commit() -> str:
@@ -228,6 +231,21 @@ def prepare(args: argparse.Namespace) -> PreparedSearch:
     )
     fixed = {k: v for k, v in trainer_base.items() if k not in ("targets", "cache_dir", "architecture")}
     fixed.update(model_source=model_source, preset=preset_name, data_fingerprint=dataset.fingerprint)
+    parent_params = {
+        "model": request.model, "preset": preset_name, "objective": request.objective,
+        "num_samples": request.num_samples, "seed": request.seed, "workers_per_trial": request.workers_per_trial,
+        "max_failed_trials": request.max_failed_trials,
+        "cpus_per_worker": request.cpus_per_worker, "gpus_per_worker": request.gpus_per_worker,
+        "data_source": dataset.source, "data_fingerprint": dataset.fingerprint,
+        "train_examples": len(dataset.train), "test_examples": len(dataset.test),
+        "search_space": json.dumps(request.param_space), "warm_start": json.dumps(request.warm_start),
+        "model_source": model_source,
+    }
+    resume_parent_id = None
+    if args.resume:
+        resumed = _search_to_resume(experiment_name, tracking_uri, storage, parent_params)
+        resume_parent_id, run_name = resumed.info.run_id, resumed.info.run_name
+        request.experiment_name, request.resume = resumed.data.tags["experiment_name"], True
     base_build = None
     if builds_base:
         base_build = {"target": model_path, "architecture": preset.model.architecture,
@@ -236,8 +254,63 @@ def prepare(args: argparse.Namespace) -> PreparedSearch:
         request=request, base_build=base_build, tracking_uri=tracking_uri, results_dir=results_dir, run_name=run_name,
         experiment_name=experiment_name, preset_name=preset_name, targets=targets, dataset=dataset,
         files=[space_path, preset_file, TARGETS_FILE],
-        top_k=args.top_k, fixed_params=fixed,
+        top_k=args.top_k, fixed_params=fixed, parent_params=parent_params, resume_parent_id=resume_parent_id,
     )
+
+
+# Options a resumed search may change; every other parent param must match the interrupted one.
+RESUME_MAY_CHANGE = {"max_failed_trials"}
+
+
+def _driver_alive(tags: dict[str, str]) -> int | None:
+    """The pid of the search's driver when it still runs on this machine."""
+    import socket
+
+    pid = tags.get("driver_pid", "")
+    if tags.get("driver_host") != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return int(pid) if b"search" in command else None
+
+
+def _search_to_resume(experiment_name: str, tracking_uri: str, storage: str, params: dict[str, Any]):
+    """The interrupted search `--resume` continues (its MLflow parent run), after checking that
+    it can be: not finished, not still running, same options and storage, Tune state saved."""
+    from tuning.driver import storage_join
+    from tuning.tracking import latest_search
+
+    sqlite_file = _sqlite_path(tracking_uri)
+    if sqlite_file is not None and not sqlite_file.exists():
+        raise UserError(f"--resume: there is no search to resume: {sqlite_file} does not exist "
+                        "(pass the --results-dir or --tracking-uri the search used)")
+    run = latest_search(tracking_uri, experiment_name)
+    if run is None:
+        raise UserError(f"--resume: experiment {experiment_name} in {redact_uri(tracking_uri)} has no search to resume")
+    name, tags = run.info.run_name, run.data.tags
+    if run.info.status == "FINISHED":
+        raise UserError(f"--resume: the last search of experiment {experiment_name} ({name}) finished; "
+                        "run without --resume to start a new one")
+    pid = _driver_alive(tags) if run.info.status == "RUNNING" else None
+    if pid is not None:
+        raise UserError(f"--resume: the search {name} is still running (pid {pid}); stop it before resuming")
+    if tags.get("storage") != redact_uri(storage):
+        raise UserError(f"--resume: the search {name} kept its state in --storage {tags.get('storage')}, "
+                        f"not {redact_uri(storage)}; pass the same --storage")
+    changed = [f"{key} (was {run.data.params.get(key)!r:.80}, now {str(value)!r:.80})" for key, value in params.items()
+               if key not in RESUME_MAY_CHANGE and run.data.params.get(key) != str(value)[:6000]]
+    if changed:
+        raise UserError(f"--resume: this command differs from the interrupted search {name} in "
+                        f"{'; '.join(changed)}; resume with the options it was started with")
+    from ray.tune import Tuner
+
+    tune_path = storage_join(storage, "tune", tags.get("experiment_name", ""))
+    if not tags.get("experiment_name") or not Tuner.can_restore(tune_path):
+        raise UserError(f"--resume: no saved search state at {tune_path} (the search stopped before Tune "
+                        "saved any); run without --resume to start a new one")
+    return run
 
 
 def _build_planner_base(prepared: PreparedSearch) -> None:
@@ -281,21 +354,18 @@ def execute(prepared: PreparedSearch) -> int:
     tracker = SearchTracker(prepared.tracking_uri, prepared.experiment_name,
                             max_epochs=driver.max_epochs(request.trainer_base, request.param_space),
                             artifact_location=artifacts)
-    parent_params = {
-        "model": request.model, "preset": prepared.preset_name, "objective": request.objective,
-        "num_samples": request.num_samples, "seed": request.seed, "workers_per_trial": request.workers_per_trial,
-        "max_failed_trials": request.max_failed_trials,
-        "cpus_per_worker": request.cpus_per_worker, "gpus_per_worker": request.gpus_per_worker,
-        "data_source": prepared.dataset.source, "data_fingerprint": prepared.dataset.fingerprint,
-        "train_examples": len(prepared.dataset.train), "test_examples": len(prepared.dataset.test),
-        "search_space": json.dumps(request.param_space), "warm_start": json.dumps(request.warm_start),
-        "model_source": prepared.fixed_params["model_source"],
-    }
-    tracker.start_parent(prepared.run_name, parent_params,
-                         {"git_commit": _git_commit(), "storage": redact_uri(request.storage_path),
-                          "experiment_name": request.experiment_name}, prepared.files)
-    print(f"[mlflow] parent run {tracker.parent_run_id} in {prepared.tracking_uri} "
-          f"(experiment {prepared.experiment_name})", flush=True)
+    if prepared.resume_parent_id:
+        found = tracker.reattach(prepared.resume_parent_id, list(request.param_space))
+        request.failed_before_resume = found["failed"]
+        print(f"[resume] parent run {tracker.parent_run_id} ({prepared.run_name}) continues: {found['finished']} "
+              f"trials ended, {found['failed']} failed, {found['interrupted']} interrupted (these continue from "
+              "their last checkpoint)", flush=True)
+    else:
+        tracker.start_parent(prepared.run_name, prepared.parent_params,
+                             {"git_commit": _git_commit(), "storage": redact_uri(request.storage_path),
+                              "experiment_name": request.experiment_name}, prepared.files)
+        print(f"[mlflow] parent run {tracker.parent_run_id} in {prepared.tracking_uri} "
+              f"(experiment {prepared.experiment_name})", flush=True)
     request.callbacks = [tracker.callback(prepared.fixed_params)]
     status, budget = "FAILED", None
     try:
@@ -311,6 +381,7 @@ def execute(prepared: PreparedSearch) -> int:
             "trials_finished": sum(r.status == "FINISHED" for r in tracker.trials.values()),
             "trials_failed": sum(r.status == "FAILED" for r in tracker.trials.values()),
             "trials_stopped_early": sum(r.stopped_early for r in tracker.trials.values()),
+            "trials_lost": len(tracker.lost_trials()),
             "search_wall_seconds": time.time() - started,
             "cpu_seconds_total": sum((r.last or {}).get("cpu_seconds", 0.0) for r in tracker.trials.values()),
         }
@@ -341,6 +412,12 @@ def execute(prepared: PreparedSearch) -> int:
         print(report.format_table(front, prepared.targets, "Pareto front (recall up, tools retrieved down):"))
     print(f"\n{totals['trials_finished']} finished ({totals['trials_stopped_early']} stopped early by ASHA), "
           f"{totals['trials_failed']} failed, in {totals['search_wall_seconds']:.0f} s.")
+    if prepared.resume_parent_id:
+        lost = tracker.lost_trials()
+        print(f"Resumed: {tracker.replayed} trials that had ended were not trained again; "
+              f"{len(lost)} interrupted trials were lost" + (f" ({', '.join(r.trial_id for r in lost)}: they started "
+                                                           "after the search last saved its state, so Tune ran new "
+                                                           "trials in their place)" if lost else "") + ".")
     if version:
         print(f"Registered {REGISTERED_MODEL[request.model]} version {version} as alias 'closest-to-paper'.")
     print(f"MLflow: mlflow ui --backend-store-uri {prepared.tracking_uri} --host 127.0.0.1 --port 5000")

@@ -5,6 +5,7 @@
     python tuning/search.py --model toolrag --preset paper --address auto --data DIR --gpus-per-worker 1
     python tuning/search.py --model planner                 # laptop planner: builds a small base once
     python tuning/search.py --model planner --smoke
+    python tuning/search.py --model planner --resume        # after a crash: same options plus --resume
 
 Parse, validate, run, report: the work lives in tuning/orchestrator.py.
 """
@@ -53,6 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-failed-trials", type=int, default=5,
                         help="stop the search once this many trials have failed (default 5; each failure is "
                              "recorded in MLflow with its reason)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the latest interrupted search of this experiment, given the same options: "
+                             "ended trials are kept, interrupted ones continue from their last checkpoint, and the "
+                             "MLflow parent run continues")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 

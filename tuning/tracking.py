@@ -7,7 +7,10 @@ and can close each run with its true status.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +21,10 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 PARENT_TAG = "mlflow.parentRunId"
+# On a trial's run: the driver stopped while it ran (SIGKILL, a lost head). The run was closed
+# as KILLED when the search resumed, and reopened if the trial resumed with it.
+INTERRUPTED_TAG = "interrupted_by_driver_stop"
+CHECKPOINT_TAG = "checkpoint_path"
 # Result keys worth a per-epoch curve in MLflow; the rest are Ray's bookkeeping.
 EPOCH_METRIC_PREFIXES = ("tool_", "paper_distance", "best_paper_distance", "train_loss", "recall/",
                          "padding_waste", "cpu_seconds", "gpu_seconds", "plan_", "empty_output_rate",
@@ -42,6 +49,10 @@ class TrialRecord:
     stopped_early: bool = False
     error: str | None = None
     resumed_from: str | None = None
+    # Ended under an earlier driver: Tune may still replay its final result after a resume,
+    # which must not touch the run again.
+    ended_before_resume: bool = False
+    interrupted: bool = False
 
     @property
     def objective(self) -> float:
@@ -75,15 +86,60 @@ class SearchTracker:
         self.max_epochs = max_epochs
         self.parent_run_id: str | None = None
         self.trials: dict[str, TrialRecord] = {}
+        # Trials that had ended before a resume and that Tune restarted only to replay their result.
+        self.replayed = 0
 
     # ----- parent run -------------------------------------------------------------------
     def start_parent(self, run_name: str, params: dict[str, Any], tags: dict[str, str], files: list[Path]) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags={"search": "parent", **tags})
+        run = self.client.create_run(self.experiment_id, run_name=run_name,
+                                     tags={"search": "parent", **tags, **driver_identity()})
         self.parent_run_id = run.info.run_id
         self._log_params(self.parent_run_id, params)
         for path in files:
             self.client.log_artifact(self.parent_run_id, str(path), artifact_path="config")
         return self.parent_run_id
+
+    def reattach(self, parent_run_id: str, searched_keys: list[str]) -> dict[str, int]:
+        """Continue an interrupted search's parent run, with every trial it already recorded.
+
+        Runs the dead driver left RUNNING are closed as KILLED and tagged; a trial Tune resumes
+        reopens its run (`trial_started`). Returns counts of the trials found, by state.
+        """
+        parent = self.client.get_run(parent_run_id)
+        self.parent_run_id = parent_run_id
+        resumes = int(parent.data.tags.get("resumed", "0")) + 1
+        self.client.log_batch(parent_run_id, tags=[RunTag("resumed", str(resumes)),
+                                                   *(RunTag(k, v) for k, v in driver_identity().items())])
+        self.client.update_run(parent_run_id, status="RUNNING")
+        counts = {"finished": 0, "failed": 0, "interrupted": 0}
+        for run in self._child_runs(parent_run_id):
+            record = _record_from_run(self.client, run, searched_keys)
+            if run.info.status in ("RUNNING", "KILLED"):  # KILLED: closed by an interrupted driver
+                record.interrupted = True
+                if run.info.status == "RUNNING":
+                    self.client.set_tag(run.info.run_id, INTERRUPTED_TAG, "true")
+                    self._end_child(record, "KILLED", error="the search driver stopped while this trial ran")
+                counts["interrupted"] += 1
+            else:
+                record.ended_before_resume = True
+                counts["failed" if run.info.status == "FAILED" else "finished"] += 1
+            self.trials[record.trial_id] = record
+        return counts
+
+    def _child_runs(self, parent_run_id: str) -> list:
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs([self.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                                           max_results=1000, page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def lost_trials(self) -> list[TrialRecord]:
+        """Trials interrupted with the driver that the resumed search never picked up again:
+        they started after Tune last saved its state, so Tune does not know them."""
+        return [r for r in self.trials.values() if r.status == "KILLED" and r.interrupted]
 
     def finish_parent(self, status: str, totals: dict[str, float]) -> None:
         """Close every run still open (as KILLED), then the parent with its totals."""
@@ -99,8 +155,16 @@ class SearchTracker:
     # ----- child runs -------------------------------------------------------------------
     def trial_started(self, trial_id: str, params: dict[str, Any], fixed: dict[str, Any]) -> None:
         if trial_id in self.trials:  # a retried or resumed trial keeps its run
-            self.trials[trial_id].status = "RUNNING"
-            self.client.set_tag(self.trials[trial_id].run_id, "retried", "true")
+            record = self.trials[trial_id]
+            if record.ended_before_resume:
+                self.replayed += 1
+                return
+            if record.status != "RUNNING":  # interrupted with the driver, now resumed
+                record.interrupted = False
+                self.client.log_batch(record.run_id, tags=[RunTag("resumed_after_driver_stop", "true")])
+                self.client.update_run(record.run_id, status="RUNNING")
+            record.status = "RUNNING"
+            self.client.set_tag(record.run_id, "retried", "true")
             return
         run = self.client.create_run(
             self.experiment_id, run_name=f"trial-{trial_id}",
@@ -111,7 +175,7 @@ class SearchTracker:
 
     def trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         record = self.trials.get(trial_id)
-        if record is None or "epoch" not in result:
+        if record is None or "epoch" not in result or record.ended_before_resume:
             return
         epoch = int(result["epoch"])
         record.epochs, record.last = epoch, dict(result)
@@ -119,6 +183,8 @@ class SearchTracker:
             record.best = dict(result)
         if result.get("checkpoint_path"):  # only best-so-far epochs carry a checkpoint
             record.checkpoint_path = result["checkpoint_path"]
+            # Kept on the run so a resumed search can still register this trial's model.
+            self.client.set_tag(record.run_id, CHECKPOINT_TAG, record.checkpoint_path)
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, epoch) for k, v in result.items()
                    if k.startswith(EPOCH_METRIC_PREFIXES) and isinstance(v, (int, float)) and math.isfinite(v)]
@@ -203,6 +269,43 @@ class SearchTracker:
         return MlflowTrialCallback(self, fixed_params)
 
 
+def driver_identity() -> dict[str, str]:
+    """Who runs the search, so `--resume` can refuse to start a second driver beside a live one."""
+    return {"driver_host": socket.gethostname(), "driver_pid": str(os.getpid())}
+
+
+def _param_value(text: str) -> Any:
+    """A searched param back from MLflow's string: a number when it reads as one."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _record_from_run(client: MlflowClient, run, searched_keys: list[str]) -> TrialRecord:
+    """A trial's record rebuilt from its MLflow run: the per-epoch results from the metric
+    histories (every reported figure is logged per epoch), the best one chosen as it was live."""
+    results: dict[int, dict[str, Any]] = {}
+    for key in run.data.metrics:
+        if key.startswith(EPOCH_METRIC_PREFIXES):
+            for point in client.get_metric_history(run.info.run_id, key):
+                results.setdefault(point.step, {"epoch": point.step})[key] = point.value
+    params = {k: _param_value(v) for k, v in run.data.params.items() if k in searched_keys}
+    record = TrialRecord(run.data.tags.get("trial_id", run.info.run_name), run.info.run_id, params,
+                         started=run.info.start_time / 1000, status=run.info.status,
+                         checkpoint_path=run.data.tags.get(CHECKPOINT_TAG),
+                         stopped_early=run.data.tags.get("stopped_early") == "true",
+                         error=run.data.tags.get("error"), resumed_from=run.data.tags.get("resumed_from_epoch"))
+    for epoch in sorted(results):
+        result = results[epoch]
+        if "paper_distance" not in result:
+            continue
+        record.epochs, record.last = epoch, result
+        if _better(result, record.best):
+            record.best = result
+    return record
+
+
 class MlflowTrialCallback(tune.Callback):
     """Forwards Tune's trial events to the SearchTracker, in the driver process."""
 
@@ -231,3 +334,14 @@ def _error_text(trial) -> str:
         return Path(local).read_text()
     error = trial.get_error() if hasattr(trial, "get_error") else None
     return str(error) if error else "trial raised (no error text recorded)"
+
+
+def latest_search(tracking_uri: str, experiment_name: str):
+    """The most recently started search (parent run) of an experiment, or None."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return None
+    runs = client.search_runs([experiment.experiment_id], "tags.search = 'parent'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
