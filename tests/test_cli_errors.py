@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from trainers.models import resolve_source
 
@@ -71,6 +72,7 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         # Port 9 (discard) has no Ray head; nothing may be written before the driver gives up.
         "address unreachable": (["--address", "127.0.0.1:9"], "--address 127.0.0.1:9"),
         "storage under a file": (["--storage", str(a_file / "ray")], "--storage"),
+        "resume without a search": (["--resume"], "no search to resume"),
     }
 
 
@@ -79,7 +81,7 @@ CASE_NAMES = [
     "data dir missing", "data not JSON", "data unknown tool", "data top level list", "hub dataset offline",
     "hub model offline", "model path missing", "relative sqlite uri", "workers below 1", "negative gpus",
     "unknown preset", "bad experiment name", "planner pareto", "planner chat without template",
-    "planner space of toolrag", "address unreachable", "storage under a file",
+    "planner space of toolrag", "address unreachable", "storage under a file", "resume without a search",
 ]
 
 
@@ -120,3 +122,60 @@ def test_uris_are_logged_without_credentials():
     assert redact_uri("http://alice:t0ken@mlflow.internal:5000/") == "http://mlflow.internal:5000/"
     assert redact_uri("sqlite:////abs/mlflow.db") == "sqlite:////abs/mlflow.db"
     assert redact_uri("/shared/ray") == "/shared/ray"
+
+
+@pytest.fixture
+def interrupted_search(tmp_path) -> tuple[Path, list[str]]:
+    """A results folder as a killed `--smoke` search leaves it before Tune saved any state:
+    its data and an MLflow parent run still RUNNING, with the params that search logged."""
+    from tuning.orchestrator import prepare, redact_uri
+    from tuning.search import parse_args
+    from tuning.tracking import SearchTracker
+
+    results = tmp_path / "results"
+    args = ["--model", "toolrag", "--smoke", "--results-dir", str(results)]
+    prepared = prepare(parse_args(args))
+    tracker = SearchTracker(prepared.tracking_uri, prepared.experiment_name, max_epochs=3)
+    tracker.start_parent(prepared.run_name, prepared.parent_params,
+                         {"storage": redact_uri(prepared.request.storage_path),
+                          "experiment_name": prepared.request.experiment_name}, [])
+    # The pid of a driver that is gone.
+    tracker.client.set_tag(tracker.parent_run_id, "driver_pid", "999999999")
+    return results, args
+
+
+RESUME_CASES = {
+    "finished": ([], "finished; run without --resume"),
+    "still running": ([], "is still running"),
+    "other options": (["--num-samples", "9"], "num_samples (was '4', now '9')"),
+    "other storage": (["--storage", "OTHER"], "pass the same --storage"),
+    "no tune state": ([], "no saved search state"),
+}
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_a_search_that_cannot_be_resumed_is_refused_before_anything_changes(case, interrupted_search, tmp_path):
+    results, args = interrupted_search
+    client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
+    (parent,) = client.search_runs([client.get_experiment_by_name("tinyagent-toolrag-tiny").experiment_id])
+    sleeper = None
+    if case == "finished":
+        client.set_terminated(parent.info.run_id, "FINISHED")
+    if case == "still running":  # a live process whose command line names the search
+        sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "search"])
+        client.set_tag(parent.info.run_id, "driver_pid", str(sleeper.pid))
+    extra, expected = RESUME_CASES[case]
+    extra = [str(tmp_path / "other") if a == "OTHER" else a for a in extra]
+    before = client.get_run(parent.info.run_id)
+    try:
+        completed = subprocess.run([sys.executable, "tuning/search.py", *args, *extra, "--resume"], cwd=PROJECT,
+                                   capture_output=True, text=True, timeout=120)
+    finally:
+        if sleeper is not None:
+            sleeper.kill()
+    lines = [line for line in completed.stderr.splitlines() if line.strip()]
+    assert completed.returncode == 2 and "Traceback" not in completed.stderr, completed.stderr
+    assert len(lines) == 1 and expected in lines[0], lines
+    after = client.get_run(parent.info.run_id)
+    assert (after.info.status, after.data.tags) == (before.info.status, before.data.tags)
+    assert len(client.search_runs([parent.info.experiment_id])) == 1

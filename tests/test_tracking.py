@@ -61,3 +61,60 @@ def test_a_trial_that_raised_is_failed_with_its_reason_and_nothing_stays_running
     bad = tracker.client.get_run(tracker.trials["bad"].run_id)
     assert bad.info.status == "FAILED" and "no_such_proj" in bad.data.tags["error"]
     assert tracker.client.get_run(tracker.trials["ok"].run_id).info.status == "KILLED"
+
+
+def _killed_driver_state(tmp_path) -> tuple[SearchTracker, str]:
+    """What a SIGKILLed driver leaves in MLflow: one trial ended, one RUNNING after 2 epochs,
+    and the parent RUNNING."""
+    tracker = _tracker(tmp_path)
+    tracker.trial_started("done", {"prompt_template": "instruct", "lora_r": 16}, {"model_path": "/m"})
+    tracker.trial_result("done", _planner_result(1, 0.2, full=False, checkpoint_path="/ckpt/done-1"))
+    tracker.trial_result("done", _planner_result(2, 0.5, full=True))
+    tracker.trial_ended("done", "FINISHED")
+    tracker.trial_started("mid", {"prompt_template": "chat", "lora_r": 8}, {"model_path": "/m"})
+    tracker.trial_result("mid", _planner_result(1, 0.1, full=False, checkpoint_path="/ckpt/mid-1"))
+    tracker.trial_result("mid", _planner_result(2, 0.05, full=False))
+    return tracker, tracker.parent_run_id
+
+
+def test_a_resumed_search_rebuilds_its_trials_from_mlflow_and_closes_what_the_dead_driver_left(tmp_path):
+    live, parent_id = _killed_driver_state(tmp_path)
+    resumed = SearchTracker(f"sqlite:///{tmp_path / 'm.db'}", "exp", max_epochs=3)
+    found = resumed.reattach(parent_id, ["prompt_template", "lora_r"])
+    assert found == {"finished": 1, "failed": 0, "interrupted": 1}
+    done, mid = resumed.trials["done"], resumed.trials["mid"]
+    # The same figures the live tracker chose: the whole-set epoch, and the checkpoint to register.
+    assert done.best["epoch"] == live.trials["done"].best["epoch"] == 2
+    assert done.best["plan_success"] == 0.5 and done.checkpoint_path == "/ckpt/done-1"
+    assert done.params == {"prompt_template": "instruct", "lora_r": 16}
+    assert mid.best["epoch"] == 1 and mid.epochs == 2
+    # The interrupted run is KILLED and says why; the parent is open again, marked resumed.
+    run = resumed.client.get_run(mid.run_id)
+    assert run.info.status == "KILLED" and run.data.tags["interrupted_by_driver_stop"] == "true"
+    parent = resumed.client.get_run(parent_id)
+    assert parent.info.status == "RUNNING" and parent.data.tags["resumed"] == "1"
+    assert [r.trial_id for r in resumed.lost_trials()] == ["mid"]
+
+
+def test_a_resumed_trial_reopens_its_run_and_an_ended_one_is_left_alone(tmp_path):
+    _, parent_id = _killed_driver_state(tmp_path)
+    resumed = SearchTracker(f"sqlite:///{tmp_path / 'm.db'}", "exp", max_epochs=3)
+    resumed.reattach(parent_id, ["prompt_template", "lora_r"])
+    done_run = resumed.client.get_run(resumed.trials["done"].run_id)
+    # Tune restarts both: the interrupted one to continue, the ended one only to replay its result.
+    for trial in ("mid", "done"):
+        resumed.trial_started(trial, {}, {})
+    resumed.trial_result("mid", _planner_result(3, 0.3, full=True, resumed_from_epoch=1))
+    resumed.trial_result("done", _planner_result(2, 0.5, full=True, replayed_final_result=1))
+    resumed.trial_ended("mid", "FINISHED")
+    resumed.trial_ended("done", "FINISHED")
+    resumed.finish_parent("FINISHED", {"trials_total": 2})
+
+    mid = resumed.client.get_run(resumed.trials["mid"].run_id)
+    assert mid.info.status == "FINISHED" and mid.data.tags["resumed_after_driver_stop"] == "true"
+    assert mid.data.metrics["final_plan_success"] == 0.3
+    assert resumed.lost_trials() == [] and resumed.replayed == 1
+    after = resumed.client.get_run(done_run.info.run_id)
+    assert (after.info.end_time, after.data.metrics) == (done_run.info.end_time, done_run.data.metrics)
+    assert len(resumed.client.get_metric_history(after.info.run_id, "plan_success")) == 2
+    assert resumed.client.get_run(parent_id).info.status == "FINISHED"

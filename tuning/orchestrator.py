@@ -191,6 +191,8 @@ def prepare(args: argparse.Namespace) -> PreparedSearch:
         problem = check_address(args.address)
         if problem:
             raise UserError(f"--address {args.address}: {problem}")
+    # Before any data is generated: a search that cannot be resumed leaves nothing behind.
+    resumed = _search_to_resume(experiment_name, tracking_uri, storage) if args.resume else None
     builds_base = preset.model.build_base is not None and args.model_path is None
     model_source = args.model_path or preset.model.name_or_path
     model_path = None if builds_base else resolve_source(model_source, "model", "--model-path")
@@ -242,8 +244,8 @@ def prepare(args: argparse.Namespace) -> PreparedSearch:
         "model_source": model_source,
     }
     resume_parent_id = None
-    if args.resume:
-        resumed = _search_to_resume(experiment_name, tracking_uri, storage, parent_params)
+    if resumed is not None:
+        _check_same_search(resumed, parent_params, storage)
         resume_parent_id, run_name = resumed.info.run_id, resumed.info.run_name
         request.experiment_name, request.resume = resumed.data.tags["experiment_name"], True
     base_build = None
@@ -259,7 +261,8 @@ def prepare(args: argparse.Namespace) -> PreparedSearch:
 
 
 # Options a resumed search may change; every other parent param must match the interrupted one.
-RESUME_MAY_CHANGE = {"max_failed_trials"}
+# The data may move: its fingerprint must still match.
+RESUME_MAY_CHANGE = {"max_failed_trials", "data_source"}
 
 
 def _driver_alive(tags: dict[str, str]) -> int | None:
@@ -276,10 +279,9 @@ def _driver_alive(tags: dict[str, str]) -> int | None:
     return int(pid) if b"search" in command else None
 
 
-def _search_to_resume(experiment_name: str, tracking_uri: str, storage: str, params: dict[str, Any]):
-    """The interrupted search `--resume` continues (its MLflow parent run), after checking that
-    it can be: not finished, not still running, same options and storage, Tune state saved."""
-    from tuning.driver import storage_join
+def _search_to_resume(experiment_name: str, tracking_uri: str, storage: str):
+    """The interrupted search `--resume` continues (its MLflow parent run), checked to be
+    resumable: not finished, not still running, same storage."""
     from tuning.tracking import latest_search
 
     sqlite_file = _sqlite_path(tracking_uri)
@@ -299,18 +301,25 @@ def _search_to_resume(experiment_name: str, tracking_uri: str, storage: str, par
     if tags.get("storage") != redact_uri(storage):
         raise UserError(f"--resume: the search {name} kept its state in --storage {tags.get('storage')}, "
                         f"not {redact_uri(storage)}; pass the same --storage")
+    return run
+
+
+def _check_same_search(run, params: dict[str, Any], storage: str) -> None:
+    """Tune resumes the search it saved: a command that asks for another one is refused, and so
+    is a search that stopped before Tune saved anything."""
+    from ray.tune import Tuner
+
+    from tuning.driver import storage_join
+
     changed = [f"{key} (was {run.data.params.get(key)!r:.80}, now {str(value)!r:.80})" for key, value in params.items()
                if key not in RESUME_MAY_CHANGE and run.data.params.get(key) != str(value)[:6000]]
     if changed:
-        raise UserError(f"--resume: this command differs from the interrupted search {name} in "
+        raise UserError(f"--resume: this command differs from the interrupted search {run.info.run_name} in "
                         f"{'; '.join(changed)}; resume with the options it was started with")
-    from ray.tune import Tuner
-
-    tune_path = storage_join(storage, "tune", tags.get("experiment_name", ""))
-    if not tags.get("experiment_name") or not Tuner.can_restore(tune_path):
+    tune_path = storage_join(storage, "tune", run.data.tags.get("experiment_name", ""))
+    if not run.data.tags.get("experiment_name") or not Tuner.can_restore(tune_path):
         raise UserError(f"--resume: no saved search state at {tune_path} (the search stopped before Tune "
                         "saved any); run without --resume to start a new one")
-    return run
 
 
 def _build_planner_base(prepared: PreparedSearch) -> None:
