@@ -1,9 +1,10 @@
 """Training on a multi-node Ray cluster, faked in one machine with ray.cluster_utils.Cluster.
 
-The head holds no CPU (like cluster.yaml's head), two worker nodes hold one CPU each, so a
-2-worker trial must put one DDP rank on each node. Storage is one shared folder, standing in
-for S3. Removing a node while a trial trains on it must restart the worker group from the
-trial's last checkpoint, not from epoch 0.
+The head holds no CPU (like cluster.yaml's head), two worker nodes hold one CPU and one logical
+GPU each, so a 2-worker trial must put one DDP rank on each node. Storage is one shared folder,
+standing in for S3. Removing a node while a trial trains on it must restart the worker group
+from the trial's last checkpoint, not from epoch 0, and a whole search that loses a node must
+still account for every trial.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -31,7 +33,7 @@ def cluster():
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True,
                                                             "dashboard_host": "127.0.0.1"})
-    workers = [cluster.add_node(num_cpus=1, resources={f"slot_{i}": 1}) for i in range(2)]
+    workers = [cluster.add_node(num_cpus=1, num_gpus=1, resources={f"slot_{i}": 1}) for i in range(2)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address,
              runtime_env={"env_vars": {"PYTHONPATH": str(PROJECT), **LOCAL_RAY_ENV}})
@@ -133,3 +135,102 @@ def test_a_lost_node_resumes_the_trial_from_its_last_checkpoint(cluster, small_d
     # The restarted worker group read the checkpoint: it went on after that epoch.
     assert result.metrics["resumed_from_epoch"] >= 1
     print(f"\n[node-loss] the restarted worker group resumed after epoch {result.metrics['resumed_from_epoch']}")
+
+
+def _search_on(cluster_address: str, tmp_path: Path, epochs: int, num_samples: int, *flags: str):
+    """A tiny ToolRAG search as `search.py --address` runs it, prepared in this process (which is
+    connected to the fake cluster) so the test can act on the cluster while it runs."""
+    from tuning.orchestrator import prepare
+    from tuning.search import parse_args
+
+    preset = {**TINY_TOOLRAG, "trainer": {**TINY_TOOLRAG["trainer"], "epochs": epochs},
+              "search": {**TINY_TOOLRAG["search"], "num_samples": num_samples}}
+    preset_file = tmp_path / "preset.yaml"
+    preset_file.write_text(yaml.safe_dump(preset))
+    results = tmp_path / "results"
+    return prepare(parse_args(["--model", "toolrag", "--preset", str(preset_file), "--address", cluster_address,
+                               "--results-dir", str(results), "--experiment-name", "multinode", *flags]))
+
+
+def _in_background(prepared) -> tuple[threading.Thread, dict[str, Any]]:
+    from tuning.orchestrator import execute
+
+    outcome: dict[str, Any] = {}
+    runner = threading.Thread(target=lambda: outcome.update(code=execute(prepared)), daemon=True)
+    runner.start()
+    return runner, outcome
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_gpu_request_is_checked_against_the_nodes_logical_gpus(cluster):
+    from tuning.driver import infeasible_request
+
+    assert infeasible_request(1, 1, 1) is None  # each worker node has one logical GPU
+    problem = infeasible_request(1, 1, 2)
+    assert problem is not None and "--gpus-per-worker 2" in problem and "1 GPU" not in problem.split("(")[0]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_trials_run_on_the_only_node_that_holds_their_request(cluster, tmp_path, mlflow_runs):
+    import ray
+    from ray.util.state import list_actors
+
+    head_cluster, _ = cluster
+    big = head_cluster.add_node(num_cpus=2)
+    head_cluster.wait_for_nodes()
+    prepared = _search_on(head_cluster.address, tmp_path, 2, 2, "--cpus-per-worker", "2")
+    runner, outcome = _in_background(prepared)
+    nodes_seen: set[str] = set()
+    while runner.is_alive():
+        alive = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        nodes_seen.update(actor.node_id for actor in alive)
+        time.sleep(0.3)
+    head_cluster.remove_node(big)
+    assert outcome["code"] == 0
+    assert nodes_seen == {big.node_id}, (nodes_seen, big.node_id)
+    _, runs = mlflow_runs(prepared.tracking_uri, "multinode", "trial")
+    assert len(runs) == 2 and all(run.info.status == "FINISHED" for run in runs)
+    assert ray.is_initialized()  # the search joined this cluster; it did not start its own Ray
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_search_that_loses_a_node_resumes_the_trial_and_accounts_for_every_trial(cluster, tmp_path, mlflow_runs):
+    from ray.util.state import list_actors
+
+    head_cluster, _ = cluster
+    head_cluster.add_node(num_cpus=1)  # room for the restarted workers whichever node is lost
+    head_cluster.wait_for_nodes()
+    # One trial at a time, so the node to remove is the one node training.
+    prepared = _search_on(head_cluster.address, tmp_path, 6, 3, "--max-concurrent", "1")
+    assert prepared.request.retries_per_trial == 2  # the default with --address
+    runner, outcome = _in_background(prepared)
+    train_storage = Path(prepared.request.storage_path) / "train"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        snapshots = list(train_storage.glob("*/checkpoint_manager_snapshot.json"))
+        if snapshots and "checkpoint_" in snapshots[0].read_text():
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the first trial registered no checkpoint")
+    hit_trial = snapshots[0].parent.name.rsplit("-", 1)[1]
+    worker = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])[0]
+    lost = next(node for node in head_cluster.list_all_nodes() if node.node_id == worker.node_id)
+    head_cluster.remove_node(lost)
+    runner.join(timeout=600)
+    assert not runner.is_alive() and outcome["code"] == 0
+
+    client, runs = mlflow_runs(prepared.tracking_uri, "multinode", "trial")
+    assert len(runs) == 3 and all(run.info.status == "FINISHED" for run in runs), [r.info.status for r in runs]
+    (hit,) = [run for run in runs if run.data.tags["trial_id"] == hit_trial]
+    # The retry is visible, and the trial went on from its checkpoint to the last epoch.
+    assert hit.data.tags["retried"] == "true" and int(hit.data.tags["resumed_from_epoch"]) >= 1
+    assert hit.data.metrics["epochs_completed"] == 6
+    (parent,) = mlflow_runs(prepared.tracking_uri, "multinode", "parent")[1]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["trials_total"] == 3 and parent.data.metrics["trials_failed"] == 0
+    print(f"\n[node-loss search] trial {hit_trial} resumed after epoch {hit.data.tags['resumed_from_epoch']}; "
+          f"3 of 3 trials finished")

@@ -27,8 +27,10 @@ LOCAL_RAY_ENV = {
 }
 # The trial driver only waits on its TorchTrainer. It asks for no CPU (a fraction such as 0.01
 # would leave 1.98 of 2 CPUs, so the second trial's 1-CPU worker never fits) and a token of
-# memory, because Tune needs a non-empty resource request.
-TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 64 * 1024 * 1024}
+# memory, because Tune needs a non-empty resource request. It runs on the head node, beside the
+# search driver: a lost worker node then takes only Train workers, which restart from the
+# trial's checkpoint, and never the trial itself.
+TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 64 * 1024 * 1024, "node:__internal_head__": 0.001}
 PLACEMENT_GROUP_WAIT_S = 30.0
 # Where `ray up` leaves the autoscaler's config on the head node.
 AUTOSCALING_CONFIG = Path("~/ray_bootstrap_config.yaml")
