@@ -73,6 +73,28 @@ def _fit(loop: dict, workers: int, storage: Path, name: str, retries: int = 0):
     return trainer.fit()
 
 
+def _remove_the_training_node(head_cluster, train_storage: Path, timeout_s: float = 300) -> str:
+    """Once a Train run under train_storage has registered a checkpoint, remove the node its
+    (only) live worker runs on; returns that run's folder name.
+
+    It waits for the controller's snapshot to list the checkpoint, not merely for one on disk:
+    a restart before that would rightly start from epoch 0.
+    """
+    from ray.util.state import list_actors
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        snapshots = list(train_storage.glob("*/checkpoint_manager_snapshot.json"))
+        if snapshots and "checkpoint_" in snapshots[0].read_text():
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("no checkpoint registered")
+    worker = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])[0]
+    head_cluster.remove_node(next(node for node in head_cluster.list_all_nodes() if node.node_id == worker.node_id))
+    return snapshots[0].parent.name
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_two_workers_on_two_nodes_match_one_worker(cluster, small_data_dir, tmp_path):
@@ -108,8 +130,6 @@ def test_two_workers_on_two_nodes_match_one_worker(cluster, small_data_dir, tmp_
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_lost_node_resumes_the_trial_from_its_last_checkpoint(cluster, small_data_dir, tmp_path):
-    from ray.util.state import list_actors
-
     head_cluster, _ = cluster
     head_cluster.add_node(num_cpus=1)  # room for the restarted worker whichever node is lost
     head_cluster.wait_for_nodes()
@@ -118,16 +138,7 @@ def test_a_lost_node_resumes_the_trial_from_its_last_checkpoint(cluster, small_d
     outcome: dict = {}
     runner = threading.Thread(target=lambda: outcome.update(result=_fit(loop, 1, storage, "node-loss", retries=2)))
     runner.start()
-    # Wait until the controller has registered a checkpoint (it records each in this snapshot),
-    # not merely until one is on disk: a restart before that would rightly start from epoch 0.
-    snapshot = storage / "node-loss" / "checkpoint_manager_snapshot.json"
-    deadline = time.time() + 240
-    while not (snapshot.exists() and "checkpoint_" in snapshot.read_text()) and time.time() < deadline:
-        time.sleep(0.1)
-    assert time.time() < deadline, "no checkpoint registered"
-    worker = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])[0]
-    lost = next(node for node in head_cluster.list_all_nodes() if node.node_id == worker.node_id)
-    head_cluster.remove_node(lost)
+    _remove_the_training_node(head_cluster, storage)
     runner.join(timeout=300)
     result = outcome["result"]
     assert result.error is None
@@ -198,8 +209,6 @@ def test_trials_run_on_the_only_node_that_holds_their_request(cluster, tmp_path,
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_search_that_loses_a_node_resumes_the_trial_and_accounts_for_every_trial(cluster, tmp_path, mlflow_runs):
-    from ray.util.state import list_actors
-
     head_cluster, _ = cluster
     head_cluster.add_node(num_cpus=1)  # room for the restarted workers whichever node is lost
     head_cluster.wait_for_nodes()
@@ -207,19 +216,8 @@ def test_a_search_that_loses_a_node_resumes_the_trial_and_accounts_for_every_tri
     prepared = _search_on(head_cluster.address, tmp_path, 6, 3, "--max-concurrent", "1")
     assert prepared.request.retries_per_trial == 2  # the default with --address
     runner, outcome = _in_background(prepared)
-    train_storage = Path(prepared.request.storage_path) / "train"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        snapshots = list(train_storage.glob("*/checkpoint_manager_snapshot.json"))
-        if snapshots and "checkpoint_" in snapshots[0].read_text():
-            break
-        time.sleep(0.1)
-    else:
-        raise AssertionError("the first trial registered no checkpoint")
-    hit_trial = snapshots[0].parent.name.rsplit("-", 1)[1]
-    worker = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])[0]
-    lost = next(node for node in head_cluster.list_all_nodes() if node.node_id == worker.node_id)
-    head_cluster.remove_node(lost)
+    hit_run = _remove_the_training_node(head_cluster, Path(prepared.request.storage_path) / "train")
+    hit_trial = hit_run.rsplit("-", 1)[1]
     runner.join(timeout=600)
     assert not runner.is_alive() and outcome["code"] == 0
 
