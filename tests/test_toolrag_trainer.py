@@ -97,6 +97,45 @@ def test_two_workers_report_metrics_of_the_whole_test_set_and_keep_one_checkpoin
     assert (checkpoints[0] / "toolrag.json").is_file() and (checkpoints[0] / "tokenizer.json").is_file()
 
 
+@pytest.mark.ray
+def test_a_run_fitted_again_after_its_last_epoch_reports_that_epoch_without_training(ray_2_cpus, small_data_dir,
+                                                                                    tmp_path):
+    """What a resumed search meets when its driver stopped after a trial's last checkpoint was
+    registered but before the report arrived: the trial's Train run starts again under its name."""
+    import json
+
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig, UserCallback
+    from ray.train.torch import TorchTrainer
+
+    reports = tmp_path / "reports.jsonl"
+
+    class Recorder(UserCallback):  # runs in the Train controller; Result.metrics is the checkpoint's
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(reports, "a") as out:
+                out.write(json.dumps({k: v for k, v in metrics[0].items() if isinstance(v, (int, float, str))}) + "\n")
+
+    def fit():
+        TorchTrainer(
+            train_fn_per_worker,
+            train_loop_config={"trainer": _tiny_config(tmp_path / "cache", epochs=1, learning_rate=3e-3,
+                                                       batch_size=16, pos_weight=5.0),
+                               "data": _data(small_data_dir), "data_fingerprint": "test"},
+            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+            run_config=RunConfig(name="ended", storage_path=str(tmp_path / "storage"), callbacks=[Recorder()],
+                                 checkpoint_config=CheckpointConfig(num_to_keep=1)),
+        ).fit()
+        return [json.loads(line) for line in reports.read_text().splitlines()]
+
+    (first,) = fit()
+    _, again = fit()
+    # One epoch, so its checkpoint is the last epoch's: nothing is left to train.
+    assert again["epoch"] == first["epoch"] == 1 and again["resumed_from_epoch"] == 1
+    for key in ("tool_recall", "tool_count", "paper_distance", "train_fn_seconds"):
+        assert again[key] == first[key], key  # the same report: no epoch was trained again
+    (checkpoint,) = [p for p in (tmp_path / "storage" / "ended").glob("checkpoint_*") if p.is_dir()]
+    assert again["checkpoint_path"] == str(checkpoint)
+
+
 def test_length_grouped_batches_cover_every_input_evenly_and_pad_less_than_random():
     import random
 

@@ -107,3 +107,18 @@ def save_trainer_state(directory: str, epoch: int, optimizer, scheduler, **extra
 def load_trainer_state(directory: str) -> dict[str, Any] | None:
     path = Path(directory) / TRAINER_STATE_FILE
     return torch.load(path, weights_only=True) if path.exists() else None
+
+
+def report_again_if_ended(state: dict[str, Any] | None, checkpoint, epochs: int) -> bool:
+    """Whether the run being resumed had already trained its last epoch; if so, report that
+    epoch's metrics (kept in the trainer state) again, with the checkpoint's path.
+
+    That happens when the search's driver stopped after the last checkpoint was registered but
+    before the report reached it: without this the resumed trial would end with no result.
+    """
+    if state is None or state["epoch"] < epochs or "metrics" not in state:
+        return False
+    import ray.train
+
+    ray.train.report({**state["metrics"], "resumed_from_epoch": state["epoch"], "checkpoint_path": checkpoint.path})
+    return True

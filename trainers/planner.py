@@ -25,8 +25,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trainers.batching import (
-    PaddedBatches, all_reduce_sum, autocast, length_grouped_batches, load_trainer_state, pack_sequences,
-    save_trainer_state, unwrap,
+    PaddedBatches, all_reduce_sum, autocast, length_grouped_batches, load_trainer_state,
+    pack_sequences, report_again_if_ended, save_trainer_state, unwrap,
 )
 from trainers.evaluation import paper_distance, wilson_interval
 from trainers.planner_base import compact_system_prompt
@@ -302,6 +302,8 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             planner = load_checkpoint(directory, trainable=True)[0] if state else build_lora_model(config)
     else:
         planner = build_lora_model(config)
+    if report_again_if_ended(state, resumed, config.epochs):
+        return
     model = ray.train.torch.prepare_model(planner)
     collate = CausalLMBatches(train_split, tokenizer.pad_token_id)
     per_worker_batch = max(1, config.batch_size // world)
@@ -386,7 +388,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             with tempfile.TemporaryDirectory() as directory:
                 _save_checkpoint(model, tokenizer, config, directory)
                 save_trainer_state(directory, epoch, optimizer, scheduler, best_distance=best_distance,
-                                   best_key=list(best_key))
+                                   best_key=list(best_key), metrics=metrics)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics)

@@ -22,8 +22,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trainers.batching import (
-    PaddedBatches, all_reduce_sum, autocast, length_grouped_batches, load_trainer_state, pack_sequences,
-    save_trainer_state, unwrap,
+    PaddedBatches, all_reduce_sum, autocast, length_grouped_batches, load_trainer_state,
+    pack_sequences, report_again_if_ended, save_trainer_state, unwrap,
 )
 from trainers.evaluation import ToolRetrievalCounts, paper_distance
 from trainers.models import config_from_dict
@@ -257,6 +257,8 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             classifier = load_checkpoint(directory)[0] if state else build_classifier(config)
     else:
         classifier = build_classifier(config)
+    if report_again_if_ended(state, resumed, config.epochs):
+        return
     model = ray.train.torch.prepare_model(classifier)
     train_split = encoded["train"]
     collate = PaddedBatches(train_split, pad_id)
@@ -323,7 +325,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
                 checkpoint_tokenizer = AutoTokenizer.from_pretrained(config.model_path)
             with tempfile.TemporaryDirectory() as directory:
                 _save_checkpoint(model, checkpoint_tokenizer, config, directory)
-                save_trainer_state(directory, epoch, optimizer, scheduler, best_distance=best_distance)
+                save_trainer_state(directory, epoch, optimizer, scheduler, best_distance=best_distance, metrics=metrics)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics)
