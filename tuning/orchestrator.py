@@ -423,10 +423,11 @@ def execute(prepared: PreparedSearch) -> int:
           f"{totals['trials_failed']} failed, in {totals['search_wall_seconds']:.0f} s.")
     if prepared.resume_parent_id:
         lost = tracker.lost_trials()
-        print(f"Resumed: {tracker.replayed} trials that had ended were not trained again; "
-              f"{len(lost)} interrupted trials were lost" + (f" ({', '.join(r.trial_id for r in lost)}: they started "
-                                                           "after the search last saved its state, so Tune ran new "
-                                                           "trials in their place)" if lost else "") + ".")
+        print(f"Resumed: {found['finished'] + found['failed']} trials had ended before the driver stopped and "
+              f"were not trained again ({tracker.replayed} only replayed a result the saved state had missed); "
+              f"{found['interrupted'] - len(lost)} interrupted trials continued; {len(lost)} were lost"
+              + (f" ({', '.join(r.trial_id for r in lost)}: they started after the search last saved its state, "
+                 "so Tune ran new trials in their place)" if lost else "") + ".")
     if version:
         print(f"Registered {REGISTERED_MODEL[request.model]} version {version} as alias 'closest-to-paper'.")
     print(f"MLflow: mlflow ui --backend-store-uri {prepared.tracking_uri} --host 127.0.0.1 --port 5000")
