@@ -73,6 +73,12 @@ def _fit(loop: dict, workers: int, storage: Path, name: str, retries: int = 0):
     return trainer.fit()
 
 
+def _add_a_spare_node(head_cluster) -> None:
+    """Room for the restarted workers, whichever node is lost."""
+    head_cluster.add_node(num_cpus=1)
+    head_cluster.wait_for_nodes()
+
+
 def _remove_the_training_node(head_cluster, train_storage: Path, timeout_s: float = 300) -> str:
     """Once a Train run under train_storage has registered a checkpoint, remove the node its
     (only) live worker runs on; returns that run's folder name.
@@ -131,8 +137,7 @@ def test_two_workers_on_two_nodes_match_one_worker(cluster, small_data_dir, tmp_
 @pytest.mark.slow
 def test_a_lost_node_resumes_the_trial_from_its_last_checkpoint(cluster, small_data_dir, tmp_path):
     head_cluster, _ = cluster
-    head_cluster.add_node(num_cpus=1)  # room for the restarted worker whichever node is lost
-    head_cluster.wait_for_nodes()
+    _add_a_spare_node(head_cluster)
     loop = _toolrag_loop(small_data_dir, tmp_path / "cache", epochs=8)
     storage = tmp_path / "shared"
     outcome: dict = {}
@@ -210,8 +215,7 @@ def test_trials_run_on_the_only_node_that_holds_their_request(cluster, tmp_path,
 @pytest.mark.slow
 def test_a_search_that_loses_a_node_resumes_the_trial_and_accounts_for_every_trial(cluster, tmp_path, mlflow_runs):
     head_cluster, _ = cluster
-    head_cluster.add_node(num_cpus=1)  # room for the restarted workers whichever node is lost
-    head_cluster.wait_for_nodes()
+    _add_a_spare_node(head_cluster)
     # One trial at a time, so the node to remove is the one node training.
     prepared = _search_on(head_cluster.address, tmp_path, 6, 3, "--max-concurrent", "1")
     assert prepared.request.retries_per_trial == 2  # the default with --address

@@ -5,7 +5,7 @@ state a checkpoint carries so a restarted worker group goes on from it."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -107,6 +107,33 @@ def save_trainer_state(directory: str, epoch: int, optimizer, scheduler, **extra
 def load_trainer_state(directory: str) -> dict[str, Any] | None:
     path = Path(directory) / TRAINER_STATE_FILE
     return torch.load(path, weights_only=True) if path.exists() else None
+
+
+def from_last_checkpoint(load_model: Callable[[str], torch.nn.Module]):
+    """(model, trainer state, checkpoint) from the run's last checkpoint, or (None, None, None).
+
+    Train hands a worker group the last registered checkpoint when it restarts it (a lost node)
+    and when a resumed search fits the trial's run again. A checkpoint without trainer state
+    cannot be resumed: the trainer then starts over.
+    """
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None, None, None
+    with checkpoint.as_directory() as directory:
+        state = load_trainer_state(directory)
+        return (load_model(directory) if state else None), state, checkpoint
+
+
+def first_epoch(state: dict[str, Any] | None, optimizer, scheduler) -> int:
+    """The epoch to train first: 1, or the one after the checkpoint's, with its optimiser and
+    schedule restored."""
+    if state is None:
+        return 1
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["epoch"] + 1
 
 
 def report_again_if_ended(state: dict[str, Any] | None, checkpoint, epochs: int) -> bool:

@@ -25,7 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trainers.batching import (
-    PaddedBatches, all_reduce_sum, autocast, length_grouped_batches, load_trainer_state,
+    PaddedBatches, all_reduce_sum, autocast, first_epoch, from_last_checkpoint, length_grouped_batches,
     pack_sequences, report_again_if_ended, save_trainer_state, unwrap,
 )
 from trainers.evaluation import paper_distance, wilson_interval
@@ -294,17 +294,11 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     train_split = encode_train_split(tokenizer, train_examples, config)
     data_prep_seconds = time.perf_counter() - started
 
-    # A worker group restarted after a failure (a lost node) goes on from the last checkpoint.
-    resumed, state = ray.train.get_checkpoint(), None
-    if resumed is not None:
-        with resumed.as_directory() as directory:
-            state = load_trainer_state(directory)
-            planner = load_checkpoint(directory, trainable=True)[0] if state else build_lora_model(config)
-    else:
-        planner = build_lora_model(config)
+    resumed_model, state, resumed = from_last_checkpoint(
+        lambda directory: load_checkpoint(directory, trainable=True)[0])
     if report_again_if_ended(state, resumed, config.epochs):
         return
-    model = ray.train.torch.prepare_model(planner)
+    model = ray.train.torch.prepare_model(resumed_model or build_lora_model(config))
     collate = CausalLMBatches(train_split, tokenizer.pad_token_id)
     per_worker_batch = max(1, config.batch_size // world)
     micro = min(config.micro_batch_size, per_worker_batch)
@@ -316,12 +310,9 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
     targets = {config.paper_target: config.targets[config.paper_target].model_dump()}
     best_distance, best_state, best_key = math.inf, None, None
-    start_epoch = 1
+    start_epoch = first_epoch(state, optimizer, scheduler)
     if state is not None:  # the checkpoint is the best epoch so far: its adapter is the best state
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best_distance = state["epoch"] + 1, state["best_distance"]
-        best_key, best_state = tuple(state["best_key"]), lora_state(model)
+        best_distance, best_key, best_state = state["best_distance"], tuple(state["best_key"]), lora_state(model)
 
     for epoch in range(start_epoch, config.epochs + 1):
         loss_total, steps = 0.0, 0

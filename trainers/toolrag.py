@@ -22,7 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trainers.batching import (
-    PaddedBatches, all_reduce_sum, autocast, length_grouped_batches, load_trainer_state,
+    PaddedBatches, all_reduce_sum, autocast, first_epoch, from_last_checkpoint, length_grouped_batches,
     pack_sequences, report_again_if_ended, save_trainer_state, unwrap,
 )
 from trainers.evaluation import ToolRetrievalCounts, paper_distance
@@ -249,17 +249,10 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     pad_id = int(encoded["pad_id"])
     data_prep_seconds = time.perf_counter() - started
 
-    # A worker group restarted after a failure (a lost node) goes on from the last checkpoint.
-    resumed, state = ray.train.get_checkpoint(), None
-    if resumed is not None:
-        with resumed.as_directory() as directory:
-            state = load_trainer_state(directory)
-            classifier = load_checkpoint(directory)[0] if state else build_classifier(config)
-    else:
-        classifier = build_classifier(config)
+    resumed_model, state, resumed = from_last_checkpoint(lambda directory: load_checkpoint(directory)[0])
     if report_again_if_ended(state, resumed, config.epochs):
         return
-    model = ray.train.torch.prepare_model(classifier)
+    model = ray.train.torch.prepare_model(resumed_model or build_classifier(config))
     train_split = encoded["train"]
     collate = PaddedBatches(train_split, pad_id)
     per_worker_batch = max(1, config.batch_size // world)
@@ -274,11 +267,9 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     targets = {name: target.model_dump() for name, target in config.targets.items()}
     best_distance = math.inf
     checkpoint_tokenizer = None
-    start_epoch = 1
+    start_epoch = first_epoch(state, optimizer, scheduler)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best_distance = state["epoch"] + 1, state["best_distance"]
+        best_distance = state["best_distance"]
 
     for epoch in range(start_epoch, config.epochs + 1):
         loss_total, batches = 0.0, 0

@@ -354,16 +354,6 @@ def run_search(request: SearchRequest) -> FailureBudget:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    metric, mode = objective_setup(request.objective)
-    sampler = (optuna.samplers.TPESampler(seed=request.seed) if request.objective != "pareto"
-               else optuna.samplers.TPESampler(seed=request.seed, multivariate=False))
-    searcher = OptunaSearch(metric=metric, mode=mode, points_to_evaluate=request.warm_start or None,
-                            sampler=sampler)
-    # ASHA needs one scalar: the distance to the paper, best epoch so far, in both modes (for
-    # the planner with a tie-break, see trainers/planner.py).
-    scheduler = ASHAScheduler(time_attr="training_iteration", metric=SCHEDULER_METRIC[request.model], mode="min",
-                              max_t=max_epochs(request.trainer_base, request.param_space), grace_period=request.grace_period,
-                              reduction_factor=request.reduction_factor)
     static = {
         "model": request.model,
         "experiment_name": request.experiment_name,
@@ -391,6 +381,16 @@ def run_search(request: SearchRequest) -> FailureBudget:
         run_config.callbacks, run_config.stop = callbacks, budget.stopper
         print(f"[search] resuming {request.experiment_name} from {tune_run_path(request)}", flush=True)
     else:
+        metric, mode = objective_setup(request.objective)
+        sampler = (optuna.samplers.TPESampler(seed=request.seed) if request.objective != "pareto"
+                   else optuna.samplers.TPESampler(seed=request.seed, multivariate=False))
+        searcher = OptunaSearch(metric=metric, mode=mode, points_to_evaluate=request.warm_start or None,
+                                sampler=sampler)
+        # ASHA needs one scalar: the distance to the paper, best epoch so far, in both modes (for
+        # the planner with a tie-break, see trainers/planner.py).
+        scheduler = ASHAScheduler(time_attr="training_iteration", metric=SCHEDULER_METRIC[request.model], mode="min",
+                                  max_t=max_epochs(request.trainer_base, request.param_space),
+                                  grace_period=request.grace_period, reduction_factor=request.reduction_factor)
         max_concurrent = request.max_concurrent or default_concurrency(request)
         tuner = tune.Tuner(
             trainable,
