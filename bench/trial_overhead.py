@@ -78,7 +78,7 @@ def main() -> None:
         seen.add(template)
     if hits:
         ratio = statistics.median(hits) / statistics.median(misses)
-        print(f"data preparation (tiny preset: 1,200 train + 300 test queries): first trial of a template "
+        print(f"data preparation (tiny preset: 1,200 train + ~200 validation queries): first trial of a template "
               f"{statistics.median(misses):.3f} s, "
               f"later trials {statistics.median(hits):.3f} s, ratio {ratio:.2f}")
     else:

@@ -330,3 +330,72 @@ def test_a_preset_is_a_shipped_name_or_a_yaml_file(tmp_path):
         config.preset_path("toolrag", "huge")
     with pytest.raises(UserError, match="file not found"):
         load_preset("toolrag", str(tmp_path / "missing.yaml"))
+
+
+# --- layering a preset over a space -----------------------------------------------------------
+
+
+def _layer(tmp_path, preset_trainer: dict[str, Any], space: dict[str, Any] = VALID_SPACE):
+    path = write_space(tmp_path, space)
+    loaded = load_search_space(space["model"], path, {})
+    return config.layer_preset_over_space(preset_trainer, tmp_path / "preset.yaml", loaded, path)
+
+
+def test_a_preset_value_for_a_searched_key_becomes_the_first_warm_start(tmp_path):
+    fixed, warm = _layer(tmp_path, {"pos_weight": 30.0, "max_length": 64})
+    assert fixed == {"max_length": 64}, "searched keys leave the fixed settings; the others stay"
+    assert warm[0] == {**VALID_SPACE["warm_start"][0], "pos_weight": 30.0}
+    assert warm[1:] == VALID_SPACE["warm_start"], "the space's own warm start still runs, second"
+
+
+def test_a_preset_equal_to_the_first_warm_start_adds_nothing(tmp_path):
+    fixed, warm = _layer(tmp_path, dict(VALID_SPACE["warm_start"][0]))
+    assert fixed == {} and warm == VALID_SPACE["warm_start"]
+
+
+def test_a_preset_without_searched_keys_leaves_the_space_alone(tmp_path):
+    fixed, warm = _layer(tmp_path, {"max_length": 64, "weight_decay": 0.01})
+    assert fixed == {"max_length": 64, "weight_decay": 0.01} and warm == VALID_SPACE["warm_start"]
+
+
+def test_a_preset_value_outside_the_searched_range_is_refused_naming_both_files(tmp_path):
+    with pytest.raises(UserError) as caught:
+        _layer(tmp_path, {"batch_size": 128})
+    message = str(caught.value)
+    assert str(tmp_path / "preset.yaml") in message and str(tmp_path / "space.yaml") in message
+    assert "batch_size" in message and "\n" not in message
+
+
+def test_a_partial_preset_point_with_no_warm_start_to_complete_it_is_refused(tmp_path):
+    space = {**VALID_SPACE, "warm_start": []}
+    with pytest.raises(UserError) as caught:
+        _layer(tmp_path, {"pos_weight": 30.0}, space)
+    message = str(caught.value)
+    assert str(tmp_path / "preset.yaml") in message and str(tmp_path / "space.yaml") in message
+    assert "learning_rate" in message  # names what the preset leaves out
+
+
+def test_a_complete_preset_point_needs_no_warm_start(tmp_path):
+    space = {**VALID_SPACE, "warm_start": []}
+    point = dict(VALID_SPACE["warm_start"][0], pos_weight=45.0)
+    fixed, warm = _layer(tmp_path, point, space)
+    assert fixed == {} and warm == [point]
+
+
+@pytest.mark.parametrize("model", ["toolrag", "planner"])
+def test_the_paper_presets_values_for_searched_keys_are_the_first_trial(model):
+    """pos_weight 60 in the ToolRAG paper preset, and the planner's LoRA settings, used to be
+    dropped silently; now they are what the search tries first."""
+    preset_file = SPACES / "presets" / model / "paper.yaml"
+    preset = load_preset(model, "paper")
+    space_file = SPACES / preset.search.space
+    space = load_search_space(model, space_file, preset.trainer)
+    fixed, warm = config.layer_preset_over_space(preset.trainer, preset_file, space, space_file)
+    searched_in_preset = {k: v for k, v in preset.trainer.items() if k in space.parameters}
+    assert searched_in_preset, "the paper presets set searched keys"
+    assert all(warm[0][k] == v for k, v in searched_in_preset.items())
+    assert not set(fixed) & set(space.parameters)
+    if model == "toolrag":
+        assert warm[0]["pos_weight"] == 60.0
+    else:
+        assert (warm[0]["lora_r"], warm[0]["lora_alpha"], warm[0]["lora_dropout"]) == (16, 16, 0.1)

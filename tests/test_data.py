@@ -9,7 +9,10 @@ from typing import Any, Callable
 
 import pytest
 
-from trainers.data import MAX_RAW_INPUT_CHARS, DataError, load_dataset_dir, load_split, parse_messages
+from trainers.data import (
+    MAX_RAW_INPUT_CHARS, DataError, Example, carve_validation, load_dataset_dir, load_split, normalize_query,
+    parse_messages,
+)
 from trainers.tools import TOOL_NAMES
 
 # The label order as published in the design note (index -> tool), written out by hand so a
@@ -137,10 +140,12 @@ def test_a_file_with_no_usable_record_is_an_error(tmp_path):
 
 
 def test_load_dataset_dir_reads_both_splits_and_sums_skips(tmp_path):
-    write(tmp_path / "training_data.json", {"a": record(), "b": {"input": "Hi", "output": [join_point()]}})
+    write(tmp_path / "training_data.json", {"a": record(), "b": {"input": "Hi", "output": [join_point()]},
+                                            "c": record("Email Amir the budget")})
     write(tmp_path / "testing_data.json", {"t": record(), "u": {"input": "Hi", "output": []}})
     dataset = load_dataset_dir(tmp_path)
-    assert [e.key for e in dataset.train] == ["a"]
+    assert sorted(e.key for e in dataset.train + dataset.val) == ["a", "c"]
+    assert len(dataset.val) == 1 and len(dataset.train) == 1  # one query each side, never none
     assert [e.key for e in dataset.test] == ["t"]
     assert dataset.skipped_without_plan == 2
     assert dataset.skipped_invalid == 0
@@ -286,12 +291,12 @@ def test_skip_invalid_counts_several_bad_records_and_keeps_the_first_error(tmp_p
 
 
 def test_skip_invalid_counts_reach_the_dataset(tmp_path):
-    write(tmp_path / "training_data.json", {"good": record(), "bad": {"output": []}})
+    write(tmp_path / "training_data.json", {"good": record(), "bad": {"output": []}, "also-good": record("Hi there")})
     write(tmp_path / "testing_data.json", {"good": record(), "bad": 5, "worse": []})
     with pytest.raises(DataError):
         load_dataset_dir(tmp_path)
     dataset = load_dataset_dir(tmp_path, skip_invalid=True)
-    assert len(dataset.train) == 1 and len(dataset.test) == 1
+    assert len(dataset.train) + len(dataset.val) == 2 and len(dataset.test) == 1
     assert dataset.skipped_invalid == 3
 
 
@@ -333,3 +338,70 @@ def test_the_hostile_command_would_create_the_marker_if_executed(tmp_path):
     marker = tmp_path / "PWNED"
     eval(hostile_inputs(marker)[0])  # noqa: S307 - deliberate, on a string built by this test
     assert marker.exists()
+
+
+# --- the validation split, leakage and bad targets ----------------------------------------------
+
+
+def _examples(queries: list[str], prefix: str = "k") -> list[Example]:
+    return [Example(f"{prefix}{i:04d}", query, ("send_sms",), (("user", query),), "1. send_sms()\n2. join()")
+            for i, query in enumerate(queries)]
+
+
+def test_validation_is_carved_by_record_key_and_never_shares_a_query_with_train():
+    queries = [f"Text person {i % 150} that I am late" for i in range(300)]  # each query twice
+    queries[7] = queries[8].upper() + "!!"  # joins the group of query 8 once normalised
+    train = _examples(queries)
+    kept, val = carve_validation(train, 0.1)
+    assert sorted(e.key for e in kept + val) == sorted(e.key for e in train)
+    assert {normalize_query(e.query) for e in kept}.isdisjoint(normalize_query(e.query) for e in val)
+    assert 0 < len(val) < len(train) / 2
+    # By record key, not by file order: reversing the file changes nothing.
+    kept_reversed, val_reversed = carve_validation(list(reversed(train)), 0.1)
+    assert {e.key for e in val_reversed} == {e.key for e in val}
+    # Records added elsewhere do not move a group that was already placed.
+    more = train + _examples([f"Email colleague {i} the slides" for i in range(100)], prefix="z")
+    _, val_more = carve_validation(more, 0.1)
+    assert {e.key for e in val} <= {e.key for e in val_more}
+
+
+def test_a_larger_fraction_moves_more_groups_and_keeps_the_smaller_ones():
+    train = _examples([f"Remind me about task {i}" for i in range(400)])
+    small = {e.key for e in carve_validation(train, 0.1)[1]}
+    large = {e.key for e in carve_validation(train, 0.3)[1]}
+    assert small < large
+
+
+def test_test_queries_that_also_occur_in_train_are_counted(tmp_path):
+    write(tmp_path / "training_data.json", {f"tr{i}": record(f"Text person {i} that I'm late") for i in range(40)})
+    write(tmp_path / "testing_data.json", {"t1": record("Text person 3 that I'm late"),
+                                           "t2": record("TEXT PERSON 5, THAT I'M LATE."),
+                                           "t3": record("Something never seen")})
+    dataset = load_dataset_dir(tmp_path)
+    in_train = {normalize_query(e.query) for e in dataset.train}
+    expected = sum(normalize_query(q) in in_train for q in ("Text person 3 that I'm late", "TEXT PERSON 5, THAT I'M LATE."))
+    assert dataset.test_queries_in_train == expected
+    assert expected >= 1  # 40 groups, 10% to validation: at least one of the two stays in train
+
+
+def _with_output(query: str, raw_output: str) -> dict[str, Any]:
+    built = record(query)
+    built["output"][0]["raw_output"] = raw_output
+    return built
+
+
+def test_target_plans_the_scorer_cannot_parse_are_counted_and_kept_unless_skip_invalid(tmp_path):
+    write(tmp_path / "training_data.json", {
+        **{f"ok{i}": record(f"Text person {i}") for i in range(10)},
+        "chatter": _with_output("Say hi", "I am not sure what you want."),           # parses to no step
+        "past-end": _with_output("Forward it", '1. forward_email(["$5"], [], "x", [])\n2. join()'),  # $5 past the end
+    })
+    write(tmp_path / "testing_data.json", {"t": record(), "t-bad": _with_output("Hmm", "no plan here")})
+    kept = load_dataset_dir(tmp_path)
+    assert kept.unparseable_targets == 3 and kept.skipped_unparseable == 0
+    assert {"chatter", "past-end"} <= {e.key for e in kept.train + kept.val}
+    assert "t-bad" in {e.key for e in kept.test}
+    assert "record 'chatter'" in kept.first_unparseable and "raw_output" in kept.first_unparseable
+    skipped = load_dataset_dir(tmp_path, skip_invalid=True)
+    assert skipped.unparseable_targets == 3 and skipped.skipped_unparseable == 3
+    assert not {"chatter", "past-end", "t-bad"} & {e.key for e in skipped.train + skipped.val + skipped.test}

@@ -49,7 +49,7 @@ def _toolrag_loop(data_dir: Path, cache: Path, **overrides) -> dict:
 
     dataset = load_dataset_dir(data_dir)
     data = {split: {"queries": [e.query for e in examples], "labels": [e.label_vector for e in examples]}
-            for split, examples in (("train", dataset.train), ("test", dataset.test))}
+            for split, examples in (("train", dataset.train), ("val", dataset.val))}
     model_path = resolve_source(TINY_TOOLRAG["model"]["name_or_path"], "model", "--model-path")
     settings = {**TINY_TOOLRAG["trainer"], "model_path": str(model_path),
                 "architecture": TINY_TOOLRAG["model"]["architecture"], "cache_dir": str(cache), "targets": TARGETS,

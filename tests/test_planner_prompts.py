@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from trainers.models import resolve_source
-from trainers.planner_prompts import IGNORE_INDEX, encode_example, render_prompt, training_target
+from trainers.planner_prompts import IGNORE_INDEX, encode_example, prompt_token_ids, render_prompt, training_target
 
 MESSAGES = [("system", "You plan calls to tools. Tools: send_sms, get_phone_number."), ("user", "Question: text Sid hi")]
 PLAN = '1. get_phone_number("Sid")\n2. send_sms(["$1"], "hi")\n3. join()'
@@ -39,7 +39,8 @@ def test_chat_template_uses_the_tokenizer_and_fails_clearly_without_one(tokenize
 
 @pytest.mark.parametrize("template", ["concat", "instruct"])
 def test_loss_covers_the_response_tokens_only(tokenizer, template):
-    encoded = encode_example(tokenizer, MESSAGES, PLAN, template, max_length=512)
+    encoded = encode_example(tokenizer, MESSAGES, PLAN, template, max_length=512, max_new_tokens=64)
+    assert not encoded["over_max_length"]
     response = tokenizer(training_target(PLAN), add_special_tokens=False)["input_ids"]
     unmasked = [label for label in encoded["labels"] if label != IGNORE_INDEX]
     assert len(unmasked) == len(response) + (tokenizer.eos_token_id is not None)
@@ -50,9 +51,12 @@ def test_loss_covers_the_response_tokens_only(tokenizer, template):
 
 def test_a_long_prompt_loses_its_beginning_not_the_question_or_the_plan(tokenizer):
     long_messages = [("system", "tool description " * 400), MESSAGES[1]]
-    encoded = encode_example(tokenizer, long_messages, PLAN, "instruct", max_length=128)
+    encoded = encode_example(tokenizer, long_messages, PLAN, "instruct", max_length=128, max_new_tokens=48)
+    assert encoded["over_max_length"]
     ids = encoded["input_ids"]
-    assert len(ids) == 128
+    prompt = [i for i, label in zip(ids, encoded["labels"]) if label == IGNORE_INDEX]
+    assert len(prompt) == 128 - 48, "the prompt keeps max_length - max_new_tokens tokens, as in generation"
+    assert prompt == prompt_token_ids(tokenizer, long_messages, "instruct", 128, 48)[0]
     question = tokenizer(MESSAGES[1][1], add_special_tokens=False)["input_ids"]
     assert any(ids[i : i + len(question)] == question for i in range(len(ids)))
     response = tokenizer(training_target(PLAN), add_special_tokens=False)["input_ids"]

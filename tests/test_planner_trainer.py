@@ -12,7 +12,7 @@ import torch
 from trainers.data import load_dataset_dir
 from trainers.planner import (
     CausalLMBatches, PlannerConfig, build_lora_model, encode_train_split, generate_plans, plan_metrics,
-    planner_messages, prompt_ids, score_plans,
+    planner_messages, prompt_ids, score_checkpoint, score_plans,
 )
 from trainers.planner_base import (
     BaseBuildSettings, build_base, compact_system_prompt, pretraining_corpus, train_tokenizer,
@@ -84,18 +84,25 @@ def test_the_base_is_built_once_and_reused(built_base, dataset):
     assert not [p for p in built_base.parent.iterdir() if p.name.startswith(".")]  # no staging folder left
 
 
-def test_generation_prompt_is_the_training_prompt(built_base, dataset):
-    """Evaluation must show the model exactly the prefix it was trained to continue."""
+@pytest.mark.parametrize("max_length, system_prompt", [(1024, "compact"), (96, "compact"), (160, "dataset")],
+                         ids=["fits", "compact-prompt-cut", "dataset-prompt-cut"])
+def test_generation_prompt_is_the_training_prompt(built_base, dataset, max_length, system_prompt):
+    """Evaluation must show the model exactly the prefix it was trained to continue, also when
+    the prompt is too long for max_length and loses its beginning."""
     from trainers.planner import load_tokenizer
 
     tokenizer = load_tokenizer(str(built_base))
     for template in ("concat", "instruct", "chat"):
-        config = _config(built_base, prompt_template=template, max_length=1024)  # no truncation
+        config = _config(built_base, prompt_template=template, max_length=max_length, system_prompt=system_prompt)
         example = _examples(dataset, "train", 1)[0]
         split = encode_train_split(tokenizer, [example], config)
         labels = split["labels"].tolist()
         prompt_length = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
         assert split["flat"][:prompt_length].tolist() == prompt_ids(tokenizer, example["messages"], config)
+        assert int(split["over_max_length"]) == (max_length != 1024), "cut examples are counted"
+        if max_length != 1024:
+            assert prompt_length == max_length - config.max_new_tokens  # the prompt's budget, BOS included
+            assert len(split["flat"]) <= max_length
 
 
 def test_compact_system_prompt_replaces_only_the_system_message(dataset):
@@ -170,6 +177,7 @@ def test_plan_metrics_count_successes_and_give_a_wilson_interval():
     metrics = plan_metrics(sums)
     assert metrics["plan_success"] == 0.25 and metrics["tool_set_accuracy"] == 0.5
     assert metrics["plan_parse_rate"] == 0.5 and metrics["empty_output_rate"] == 0.25
+    assert metrics["strict_plan_success"] == 0.25
     assert metrics["plan_success_ci_low"] < 0.25 < metrics["plan_success_ci_high"]
 
 
@@ -232,9 +240,10 @@ def test_tinyllama_1_1b_architecture_takes_lora_and_one_training_step_on_cpu(tmp
 
 
 @pytest.mark.ray
-def test_two_workers_score_the_whole_test_set_and_keep_one_adapter(ray_2_cpus, built_base, dataset, tmp_path):
+def test_two_workers_score_the_whole_validation_split_and_keep_one_adapter(ray_2_cpus, built_base, dataset, tmp_path):
     """DDP on 2 Ray Train workers: each generates for half the prompts and the counts are summed,
-    so the last report scores every test example; one adapter checkpoint is kept."""
+    so the last report scores every validation example; one adapter checkpoint is kept, and it
+    is what the test split is scored with."""
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -242,7 +251,8 @@ def test_two_workers_score_the_whole_test_set_and_keep_one_adapter(ray_2_cpus, b
 
     settings = _config(built_base, epochs=2, batch_size=16, micro_batch_size=4, learning_rate=5e-3,
                        max_train_examples=64, eval_subset_size=10, max_eval_examples=25, sample_plans=3).model_dump()
-    data = {"train": _examples(dataset, "train", 300), "test": _examples(dataset, "test", 100)}
+    data = {"train": _examples(dataset, "train", 300), "val": _examples(dataset, "val", 100)}
+    assert len(data["val"]) >= 25
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"trainer": settings, "data": data, "data_fingerprint": "test"},
@@ -252,7 +262,7 @@ def test_two_workers_score_the_whole_test_set_and_keep_one_adapter(ray_2_cpus, b
     )
     result = trainer.fit()
     last = result.metrics  # the per-epoch subset scores are checked through MLflow in the smoke search
-    assert last["eval_examples"] == 25 and last["full_test_set"] == 1.0 and last["epoch"] == 2
+    assert last["eval_examples"] == 25 and last["full_validation_set"] == 1.0 and last["epoch"] == 2
     assert last["world_size"] == 2 and math.isfinite(last["train_loss"])
     assert last["plan_success_ci_low"] <= last["plan_success"] <= last["plan_success_ci_high"]
     assert len(json.loads(last["sample_plans"])) == 3
@@ -267,3 +277,8 @@ def test_two_workers_score_the_whole_test_set_and_keep_one_adapter(ray_2_cpus, b
     assert {n for n, p in resumed.named_parameters() if p.requires_grad} == {
         n for n, _ in resumed.named_parameters() if "lora_" in n}
     assert (checkpoints[0] / "trainer_state.pt").is_file()
+    test = _examples(dataset, "test", 100)
+    scored, samples = score_checkpoint(str(checkpoints[0]), test)
+    assert scored["eval_examples"] == 25, "test is scored on as many examples as validation (max_eval_examples)"
+    assert scored["paper_distance"] == pytest.approx(abs(scored["plan_success"] - 0.78) / 0.03)
+    assert len(samples) == 3 and {s["target"] for s in samples} <= {e["plan"] + END_OF_PLAN for e in test[:25]}

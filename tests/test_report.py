@@ -25,11 +25,22 @@ def test_pareto_front_keeps_only_undominated_trials():
     assert [r.trial_id for r in pareto_front([a, b, c, d, e])] == ["a", "e", "b"]
 
 
-def test_table_says_whether_the_paper_figure_is_inside_each_interval():
-    inside = _record("inside", 0.985, 3.95, 0.975, 0.995)
-    outside = _record("outside", 0.90, 2.0, 0.88, 0.92)
-    lines = format_table([inside, outside], TARGETS, "title").splitlines()
+def _tested(record: TrialRecord, recall: float, count: float, low: float, high: float) -> TrialRecord:
+    record.test = {"tool_recall": recall, "tool_count": count, "tool_recall_ci_low": low, "tool_recall_ci_high": high,
+                   "tool_count_ci_low": count - 0.1, "tool_count_ci_high": count + 0.1, "paper_distance": 2.0}
+    return record
+
+
+def test_table_says_whether_the_paper_figure_is_inside_each_test_interval():
+    """The paper-in-CI verdict is about the test interval, never the validation one the trial
+    was selected on: here the validation figures would say the opposite."""
+    inside = _tested(_record("inside", 0.90, 2.0, 0.88, 0.92), 0.985, 3.95, 0.975, 0.995)
+    outside = _tested(_record("outside", 0.985, 3.95, 0.975, 0.995), 0.90, 2.0, 0.88, 0.92)
+    untested = _record("untested", 0.985, 3.95, 0.975, 0.995)
+    lines = format_table([inside, outside, untested], TARGETS, "title").splitlines()
     row_inside = next(line for line in lines if "inside" in line)
     row_outside = next(line for line in lines if "outside" in line)
-    assert row_inside.split().count("yes") == 2
-    assert row_outside.split().count("no") == 2
+    row_untested = next(line for line in lines if "untested" in line)
+    assert row_inside.split().count("yes") == 2 and "0.985 [0.975, 0.995]" in row_inside
+    assert row_outside.split().count("no") == 2 and "0.900 [0.880, 0.920]" in row_outside
+    assert "not scored" in row_untested and "yes" not in row_untested.split()

@@ -37,6 +37,17 @@ def test_search_records_every_trial_in_mlflow(smoke_search, mlflow_runs):
     assert parent.data.metrics["trials_total"] == 5
     finished = [run for run in trials if run.info.status == "FINISHED"]
     assert len(finished) >= 3
+    # Selection on validation, the test split scored once per trial, and what could not be
+    # prevented in the data, on the parent.
+    assert parent.data.params["val_fraction"] == "0.1" and int(parent.data.params["val_examples"]) > 0
+    assert parent.data.metrics["test_queries_in_train"] == 0 and parent.data.metrics["unparseable_targets"] == 0
+    assert parent.data.metrics["trials_scored_on_test"] == len(finished)
+    for run in finished:  # ASHA-stopped trials included
+        for metric in ("tool_recall", "tool_count"):
+            low, value, high = (run.data.metrics[f"test_{metric}{suffix}"] for suffix in ("_ci_low", "", "_ci_high"))
+            assert low <= value <= high, (run.info.run_name, metric)
+        assert "test_paper_distance" in run.data.metrics
+        assert run.data.metrics["test_eval_examples"] == 300  # the tiny preset's max_eval_examples
     for run in trials:
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert set(SEARCHED) <= set(run.data.params)

@@ -132,6 +132,13 @@ def test_planner_smoke_search_tracks_trials_templates_and_plans(tmp_path, mlflow
     assert len({run.data.params["prompt_template"] for run in trials}) >= 2
     finished = [run for run in trials if run.data.metrics.get("epochs_completed") == 2]
     assert finished and all(run.data.metrics["final_eval_examples"] == 24 for run in finished)
+    for run in (r for r in trials if r.info.status == "FINISHED"):  # ASHA-stopped trials included
+        low, value, high = (run.data.metrics[f"test_plan_success{s}"] for s in ("_ci_low", "", "_ci_high"))
+        assert low <= value <= high and run.data.metrics["test_eval_examples"] == 24
+        assert "test_paper_distance" in run.data.metrics
+    _, (parent,) = mlflow_runs(uri, "planner-smoke", "parent")
+    assert parent.data.params["val_fraction"] == "0.1"
+    assert {"test_queries_in_train", "unparseable_targets"} <= set(parent.data.metrics)
     # Epoch 1 scores the 12-example subset (ASHA's signal); the last epoch the whole 24.
     for run in finished:
         history = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "eval_examples"),

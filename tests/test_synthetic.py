@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from trainers import synthetic
-from trainers.data import load_dataset_dir, parse_messages
+from trainers.data import load_dataset_dir, normalize_query, parse_messages
 from trainers.tools import END_OF_PLAN, TOOL_NAMES
 
 NUM_TRAIN, NUM_TEST = 2000, 500  # the documented defaults of write_dataset
@@ -245,11 +245,12 @@ def test_each_record_has_a_plan_point_and_a_join_point(splits):
 def test_written_files_load_back(written, splits):
     folder, _ = written
     dataset = load_dataset_dir(folder)
-    assert len(dataset.train) == NUM_TRAIN
+    assert len(dataset.train) + len(dataset.val) == NUM_TRAIN
     assert len(dataset.test) == NUM_TEST
     assert dataset.skipped_invalid == 0
     assert dataset.skipped_without_plan == 0
-    for split, examples in (("train", dataset.train), ("test", dataset.test)):
+    assert dataset.unparseable_targets == 0, "every generated target parses with TinyAgent's parser"
+    for split, examples in (("train", dataset.train), ("train", dataset.val), ("test", dataset.test)):
         for example in examples:
             record = splits[split][example.key]
             assert example.query == record["input"]
@@ -261,3 +262,30 @@ def test_written_files_load_back(written, splits):
 def test_write_dataset_leaves_no_temporary_files(written):
     folder, _ = written
     assert sorted(p.name for p in folder.iterdir()) == ["testing_data.json", "training_data.json"]
+
+
+def test_no_validation_or_test_query_occurs_in_train_and_no_query_plan_pair_crosses_splits(written):
+    """Leakage, checked on the loaded splits: normalised queries of validation and test are
+    absent from what the trials train on, and no identical (query, plan) pair is in two splits."""
+    folder, _ = written
+    dataset = load_dataset_dir(folder)
+    assert len(dataset.val) > 0
+    queries = {name: {normalize_query(e.query) for e in examples}
+               for name, examples in (("train", dataset.train), ("val", dataset.val), ("test", dataset.test))}
+    assert not queries["val"] & queries["train"]
+    assert not queries["test"] & queries["train"]
+    assert not queries["test"] & queries["val"]
+    pairs = {name: {(normalize_query(e.query), e.plan) for e in examples}
+             for name, examples in (("train", dataset.train), ("val", dataset.val), ("test", dataset.test))}
+    assert not (pairs["train"] & pairs["val"]) and not (pairs["train"] & pairs["test"]) and not (pairs["val"] & pairs["test"])
+    assert dataset.test_queries_in_train == 0
+
+
+def test_the_generator_would_repeat_test_queries_in_train_without_the_exclusion():
+    """The exclusion above is doing work: drawn alone, train repeats some test queries."""
+    test = synthetic.generate_split(NUM_TEST, 0, "test")
+    unfiltered = synthetic.generate_split(NUM_TRAIN, 0, "train")
+    test_queries = {normalize_query(r["input"]) for r in test.values()}
+    assert sum(normalize_query(r["input"]) in test_queries for r in unfiltered.values()) > 0
+    filtered = synthetic.generate_split(NUM_TRAIN, 0, "train", frozenset(test_queries))
+    assert not any(normalize_query(r["input"]) in test_queries for r in filtered.values())

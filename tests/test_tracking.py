@@ -16,12 +16,12 @@ def _tracker(tmp_path) -> SearchTracker:
 
 def _planner_result(epoch: int, success: float, full: bool, **extra) -> dict:
     return {"epoch": epoch, "plan_success": success, "plan_success_ci_low": 0.0, "plan_success_ci_high": 1.0,
-            "tool_set_accuracy": success, "eval_examples": 200.0 if full else 32.0, "full_test_set": float(full),
+            "tool_set_accuracy": success, "eval_examples": 200.0 if full else 32.0, "full_validation_set": float(full),
             "paper_distance": abs(success - 0.78) / 0.03, "best_paper_distance": abs(success - 0.78) / 0.03,
             "sample_plans": json.dumps([{"generated": f"epoch {epoch}"}]), **extra}
 
 
-def test_the_whole_test_set_result_is_the_trials_figure_even_when_a_subset_scored_higher(tmp_path):
+def test_the_whole_validation_result_is_the_trials_figure_even_when_a_subset_scored_higher(tmp_path):
     tracker = _tracker(tmp_path)
     tracker.trial_started("t1", {"prompt_template": "instruct"}, {})
     tracker.trial_result("t1", _planner_result(1, 0.30, full=False))  # a lucky 32-example subset
@@ -118,3 +118,27 @@ def test_a_resumed_trial_reopens_its_run_and_an_ended_one_is_left_alone(tmp_path
     assert (after.info.end_time, after.data.metrics) == (done_run.info.end_time, done_run.data.metrics)
     assert len(resumed.client.get_metric_history(after.info.run_id, "plan_success")) == 2
     assert resumed.client.get_run(parent_id).info.status == "FINISHED"
+
+
+def test_test_figures_are_logged_once_and_play_no_part_in_the_ranking(tmp_path):
+    """The closest trial is chosen on validation even when another trial does better on test,
+    and a resumed search finds the test figures again instead of scoring twice."""
+    tracker = _tracker(tmp_path)
+    for trial, validation in (("val-best", 0.70), ("val-worse", 0.50)):
+        tracker.trial_started(trial, {}, {})
+        tracker.trial_result(trial, _planner_result(3, validation, full=True))
+        tracker.trial_ended(trial, "FINISHED")
+    tracker.record_test("val-best", {"plan_success": 0.40, "plan_success_ci_low": 0.3, "plan_success_ci_high": 0.5,
+                                     "paper_distance": 12.7, "eval_examples": 200.0}, [{"generated": "x"}])
+    tracker.record_test("val-worse", {"plan_success": 0.78, "plan_success_ci_low": 0.7, "plan_success_ci_high": 0.85,
+                                      "paper_distance": 0.0, "eval_examples": 200.0}, [])
+    assert [r.trial_id for r in tracker.ranked()] == ["val-best", "val-worse"]
+    run = tracker.client.get_run(tracker.trials["val-best"].run_id)
+    assert run.data.metrics["test_plan_success"] == 0.40 and run.data.metrics["test_plan_success_ci_low"] == 0.3
+    assert run.data.metrics["final_plan_success"] == 0.70, "the final_* figures stay the validation ones"
+    assert "sample_plans/test.json" in {a.path for a in tracker.client.list_artifacts(run.info.run_id, "sample_plans")}
+    parent_id = tracker.parent_run_id
+    resumed = SearchTracker(f"sqlite:///{tmp_path / 'm.db'}", "exp", max_epochs=3)
+    resumed.reattach(parent_id, [])
+    assert resumed.trials["val-best"].test["plan_success"] == 0.40
+    assert resumed.trials["val-worse"].test["paper_distance"] == 0.0

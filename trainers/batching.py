@@ -41,6 +41,18 @@ def length_grouped_batches(lengths: list[int], batch_size: int, epoch: int, seed
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch: weight init, LoRA init and dropout follow `seed`. (Data
+    order follows it too, through `length_grouped_batches`' own generator.)"""
+    import random
+
+    import numpy
+
+    random.seed(seed)
+    numpy.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         reduced = tensor.clone()

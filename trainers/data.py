@@ -4,6 +4,12 @@ The published dataset is two JSON files (training_data.json, testing_data.json),
 object mapping a record key to {"input", "output": [data points]}. Every record is checked
 once, in the search driver, before Ray starts: a bad record is reported by file, record key
 and field, so the user can fix it, and trials only ever see clean examples.
+
+The published data has no validation split, and selecting epochs or trials on the test split
+makes its interval say nothing. So a validation split is carved from the training file,
+deterministically by record key and whole query groups at a time (see `carve_validation`).
+What cannot be prevented in user data is counted: test queries that also occur in train,
+and target plans the scorer cannot parse.
 """
 
 from __future__ import annotations
@@ -11,10 +17,12 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainers.plans import target_problem
 from trainers.tools import JOIN_TOOL, PLAN_TOOL_NAMES, tools_to_label_vector
 
 HUB_DATASET_ID = "squeeze-ai-lab/TinyAgent-dataset"
@@ -23,6 +31,8 @@ SPLIT_FILES = {"train": "training_data.json", "test": "testing_data.json"}
 # file from making the parser allocate without bound. Real planner prompts are ~10 KB.
 MAX_RAW_INPUT_CHARS = 200_000
 POINT_TYPES = ("plan", "join", "replan")
+DEFAULT_VAL_FRACTION = 0.1
+_NOT_WORD = re.compile(r"[\W_]+")
 
 
 class DataError(ValueError):
@@ -55,6 +65,11 @@ class SplitReport:
     skipped_invalid: int = 0
     skipped_without_plan: int = 0
     first_error: str | None = None
+    # Target plans the scorer cannot parse (or that parse to no step): every trial would fail
+    # those examples whatever it writes.
+    unparseable_targets: int = 0
+    skipped_unparseable: int = 0
+    first_unparseable: str | None = None
 
 
 def _fail(path: Path, key: str, field_name: str, problem: str) -> DataError:
@@ -142,7 +157,8 @@ def load_split(path: Path, skip_invalid: bool = False) -> SplitReport:
     """Load and validate one published JSON file.
 
     Raises DataError on the first bad record unless skip_invalid, in which case bad records
-    are counted in the report and left out.
+    are counted in the report and left out. A record whose target plan the scorer cannot parse
+    is counted either way, and left out only with skip_invalid.
     """
     report = SplitReport(file=str(path))
     try:
@@ -170,8 +186,15 @@ def load_split(path: Path, skip_invalid: bool = False) -> SplitReport:
             continue
         if example is None:
             report.skipped_without_plan += 1
-        else:
-            report.examples.append(example)
+            continue
+        problem = target_problem(example.plan)
+        if problem is not None:
+            report.unparseable_targets += 1
+            report.first_unparseable = report.first_unparseable or f"{path}: record {key!r}: raw_output: {problem}"
+            if skip_invalid:
+                report.skipped_unparseable += 1
+                continue
+        report.examples.append(example)
     if not report.examples:
         raise DataError(f"{path}: no usable record (every record lacks a plan point or is invalid)")
     return report
@@ -188,20 +211,81 @@ def fingerprint_files(paths: list[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
+def normalize_query(query: str) -> str:
+    """The form in which two queries count as the same: case, punctuation and spacing ignored."""
+    return _NOT_WORD.sub(" ", query.casefold()).strip()
+
+
+def _unit_hash(text: str) -> float:
+    """A number in [0, 1) fixed by `text` alone (not by Python's per-process hash seed)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
+
+
+def carve_validation(train: list[Example], fraction: float) -> tuple[list[Example], list[Example]]:
+    """(what stays in train, validation): a deterministic split of the training examples.
+
+    Records that share a normalised query go to the same side, so validation never holds a
+    query that train also holds. A group goes to validation when the hash of its smallest
+    record key falls below `fraction`: the split depends on record keys only, not on file
+    order, and adding records elsewhere does not move a group. At least one group is kept
+    on each side when there are two or more.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"validation fraction must be between 0 and 1, got {fraction}")
+    groups: dict[str, list[Example]] = {}
+    for example in train:
+        groups.setdefault(normalize_query(example.query), []).append(example)
+    draws = {query: _unit_hash(min(e.key for e in members)) for query, members in groups.items()}
+    chosen = {query for query, draw in draws.items() if draw < fraction}
+    if len(groups) >= 2:
+        ordered = sorted(draws, key=draws.__getitem__)
+        if not chosen:
+            chosen = {ordered[0]}
+        elif len(chosen) == len(groups):
+            chosen.discard(ordered[-1])
+    kept = [e for e in train if normalize_query(e.query) not in chosen]
+    validation = [e for e in train if normalize_query(e.query) in chosen]
+    return kept, validation
+
+
+def queries_also_in(examples: list[Example], others: list[Example]) -> int:
+    """How many of `examples` have a query (normalised) that also occurs in `others`."""
+    seen = {normalize_query(e.query) for e in others}
+    return sum(normalize_query(e.query) in seen for e in examples)
+
+
 @dataclass
 class Dataset:
-    """Both splits, validated, with where they came from."""
+    """The three splits, validated, with where they came from and what could not be prevented.
+
+    `val` is carved from the training file (see `carve_validation`); `train` is what remains.
+    """
 
     train: list[Example]
     test: list[Example]
     source: str
     fingerprint: str
+    val: list[Example] = field(default_factory=list)
+    val_fraction: float = DEFAULT_VAL_FRACTION
     skipped_invalid: int = 0
     skipped_without_plan: int = 0
+    # Test queries (normalised) that also occur in what the trials train on.
+    test_queries_in_train: int = 0
+    unparseable_targets: int = 0
+    skipped_unparseable: int = 0
+    first_unparseable: str | None = None
+
+    @property
+    def split_fingerprint(self) -> str:
+        """Names caches of anything derived from the splits (tokens, the planner's base): the
+        files' content and the validation fraction that carved them."""
+        return f"{self.fingerprint}-val{self.val_fraction:g}"
 
 
-def load_dataset_dir(data_dir: Path, skip_invalid: bool = False) -> Dataset:
-    """Load training_data.json and testing_data.json from a directory."""
+def load_dataset_dir(data_dir: Path, skip_invalid: bool = False,
+                     val_fraction: float = DEFAULT_VAL_FRACTION) -> Dataset:
+    """Load training_data.json and testing_data.json from a directory, and carve validation
+    out of the training file."""
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: not a directory holding {' and '.join(SPLIT_FILES.values())}")
     paths = {split: data_dir / name for split, name in SPLIT_FILES.items()}
@@ -209,11 +293,21 @@ def load_dataset_dir(data_dir: Path, skip_invalid: bool = False) -> Dataset:
         if not path.is_file():
             raise DataError(f"{path}: file not found (a data directory holds {' and '.join(SPLIT_FILES.values())})")
     reports = {split: load_split(path, skip_invalid) for split, path in paths.items()}
+    train, val = carve_validation(reports["train"].examples, val_fraction)
+    if not val or not train:
+        raise DataError(f"{paths['train']}: too few distinct queries to carve a validation split "
+                        f"(fraction {val_fraction}) and keep some to train on")
     return Dataset(
-        train=reports["train"].examples,
+        train=train,
+        val=val,
+        val_fraction=val_fraction,
         test=reports["test"].examples,
         source=str(data_dir.resolve()),
         fingerprint=fingerprint_files(list(paths.values())),
         skipped_invalid=sum(r.skipped_invalid for r in reports.values()),
         skipped_without_plan=sum(r.skipped_without_plan for r in reports.values()),
+        test_queries_in_train=queries_also_in(reports["test"].examples, train),
+        unparseable_targets=sum(r.unparseable_targets for r in reports.values()),
+        skipped_unparseable=sum(r.skipped_unparseable for r in reports.values()),
+        first_unparseable=next((r.first_unparseable for r in reports.values() if r.first_unparseable), None),
     )

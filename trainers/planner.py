@@ -4,11 +4,13 @@
 nothing of Tune.
 
 Per epoch every worker trains on its shard (loss on the response tokens only), then
-generates plans for its slice of a fixed evaluation subset and scores them by DAG
-isomorphism; the counts are all-reduced so every worker reports the same figures. That
-subset is the early-stopping signal. After the last epoch the best epoch's adapter is
-restored and the whole test set is scored: that is the trial's `plan_success`, with a 95%
-interval. Rank 0 checkpoints the adapter (not the base) whenever an epoch is the best so far.
+generates plans for its slice of a fixed subset of the validation split and scores them with
+TinyAgent's rule (trainers/plans.py); the counts are all-reduced so every worker reports the
+same figures. That subset is the early-stopping signal. After the last epoch the best epoch's
+adapter is restored and the whole validation split is scored: that is the trial's
+`plan_success`, with a 95% interval, on which trials are compared. Rank 0 checkpoints the
+adapter (not the base) whenever an epoch is the best so far. Workers never see the test
+split: `score_checkpoint` scores a trial's best checkpoint on it once, after the search.
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trainers.batching import (
     PaddedBatches, all_reduce_sum, autocast, first_epoch, from_last_checkpoint, length_grouped_batches,
-    pack_sequences, report_again_if_ended, save_trainer_state, unwrap,
+    pack_sequences, report_again_if_ended, save_trainer_state, seed_everything, unwrap,
 )
 from trainers.evaluation import paper_distance, wilson_interval
 from trainers.planner_base import compact_system_prompt
-from trainers.planner_prompts import IGNORE_INDEX, PLANNER_TEMPLATES, encode_example, render_prompt
-from trainers.plans import PlanError, parse_plan, plan_success, tool_set_match
+from trainers.planner_prompts import IGNORE_INDEX, PLANNER_TEMPLATES, encode_example, prompt_token_ids
+from trainers.plans import PlanError, plan_success, strict_parse_plan, strict_plan_success, tool_set_match
 from trainers.tools import END_OF_PLAN
 
 # The reproduction's LoRA targets: every attention and MLP projection of a Llama block.
@@ -55,8 +57,11 @@ class PlannerConfig(BaseModel):
     system_prompt: Literal["dataset", "compact"] = Field(
         "dataset", description="dataset: each record's own planner prompt, as the paper; compact: one short "
                                "prompt with the plan rules, for CPU-sized models (the dataset's is ~1,000 tokens).")
-    max_length: int = Field(4096, ge=16, le=32768, description="Token cap per training example (prompt + plan).")
-    max_new_tokens: int = Field(256, ge=8, le=4096, description="Generation cap per plan.")
+    max_length: int = Field(4096, ge=16, le=32768, description="Token cap per example (prompt + plan). A prompt "
+                                                               "keeps its last max_length - max_new_tokens tokens, "
+                                                               "in training and generation alike.")
+    max_new_tokens: int = Field(256, ge=8, le=4096, description="Generation cap per plan; also the room a "
+                                                                 "training example keeps for its plan.")
     learning_rate: float = Field(7e-5, gt=0, lt=1)
     batch_size: int = Field(8, ge=1, description="Global batch per optimiser step, split across workers.")
     micro_batch_size: int = Field(8, ge=1, description="Examples per forward pass on a worker; smaller means "
@@ -70,10 +75,13 @@ class PlannerConfig(BaseModel):
     lora_alpha: float = Field(16, gt=0)
     lora_dropout: float = Field(0.1, ge=0, lt=1)
     lora_target_modules: list[str] = Field(default_factory=lambda: list(LLAMA_PROJECTIONS), min_length=1)
-    eval_subset_size: int = Field(64, ge=1, description="Test examples scored after each epoch (the ASHA signal).")
+    eval_subset_size: int = Field(64, ge=1, description="Validation examples scored after each epoch (the ASHA "
+                                                        "signal).")
     eval_batch_size: int = Field(32, ge=1)
     max_train_examples: int | None = Field(None, ge=1)
-    max_eval_examples: int | None = Field(None, ge=1, description="Test examples in the final scoring (default: all).")
+    max_eval_examples: int | None = Field(None, ge=1, description="Examples scored at the end of a trial, of the "
+                                                                  "validation split and later of the test split "
+                                                                  "(default: all).")
     sample_plans: int = Field(8, ge=0, description="Generated plans saved beside their targets per evaluation.")
     bf16: bool = Field(True, description="bf16 autocast; applies on GPU only.")
     seed: int = 0
@@ -88,6 +96,9 @@ class PlannerConfig(BaseModel):
             raise ValueError(f"prompt_template {self.prompt_template!r} is not one of {list(PLANNER_TEMPLATES)}")
         if self.paper_target not in self.targets:
             raise ValueError(f"paper_target {self.paper_target!r} has no entry in the targets")
+        if self.max_new_tokens >= self.max_length:
+            raise ValueError(f"max_new_tokens ({self.max_new_tokens}) must be below max_length ({self.max_length}), "
+                             "which holds the prompt as well")
         return self
 
 
@@ -120,20 +131,19 @@ def planner_messages(messages: list[tuple[str, str]] | tuple, system_prompt: str
 
 
 def prompt_ids(tokenizer, messages, config: PlannerConfig) -> list[int]:
-    """Token ids of the generation prompt, built exactly as in training (BOS + prompt)."""
-    ids = tokenizer(render_prompt(planner_messages(messages, config.system_prompt), config.prompt_template, tokenizer),
-                    add_special_tokens=False)["input_ids"]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    room = max(1, config.max_length - config.max_new_tokens - len(bos))
-    return bos + ids[-room:]
+    """Token ids of the generation prompt: the very prefix training puts before the plan."""
+    return prompt_token_ids(tokenizer, planner_messages(messages, config.system_prompt), config.prompt_template,
+                            config.max_length, config.max_new_tokens)[0]
 
 
 def encode_train_split(tokenizer, examples: list[dict[str, Any]], config: PlannerConfig) -> dict[str, torch.Tensor]:
-    """Packed input ids and labels (IGNORE_INDEX on prompt tokens) of the training examples."""
+    """Packed input ids and labels (IGNORE_INDEX on prompt tokens) of the training examples, and
+    `over_max_length`: how many had prompt plus target cut to fit max_length."""
     encoded = [encode_example(tokenizer, planner_messages(e["messages"], config.system_prompt), e["plan"],
-                              config.prompt_template, config.max_length) for e in examples]
+                              config.prompt_template, config.max_length, config.max_new_tokens) for e in examples]
     packed = pack_sequences([e["input_ids"] for e in encoded])
     packed["labels"] = torch.tensor([label for e in encoded for label in e["labels"]], dtype=torch.int64)
+    packed["over_max_length"] = torch.tensor(sum(e["over_max_length"] for e in encoded))
     return packed
 
 
@@ -177,25 +187,30 @@ def generate_plans(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
     return outputs
 
 
-def _parses(text: str) -> bool:
+def _strictly_well_formed(text: str) -> bool:
     try:
-        parse_plan(text)
+        strict_parse_plan(text)
         return True
     except PlanError:
         return False
 
 
 def score_plans(predicted: list[str], targets: list[str]) -> torch.Tensor:
-    """Sums [examples, plan successes, tool-set matches, parseable outputs, empty outputs]."""
-    sums = torch.zeros(5, dtype=torch.float64)
+    """Sums [examples, plan successes (TinyAgent's rule), tool-set matches, strictly well-formed
+    outputs, empty outputs, strict successes]."""
+    sums = torch.zeros(6, dtype=torch.float64)
     for text, target in zip(predicted, targets):
-        sums += torch.tensor([1, plan_success(text, target), tool_set_match(text, target), _parses(text),
-                              not text.replace(END_OF_PLAN, "").strip()], dtype=torch.float64)
+        sums += torch.tensor([1, plan_success(text, target), tool_set_match(text, target),
+                              _strictly_well_formed(text), not text.replace(END_OF_PLAN, "").strip(),
+                              strict_plan_success(text, target)], dtype=torch.float64)
     return sums
 
 
 def plan_metrics(sums: torch.Tensor) -> dict[str, float]:
-    n, successes, tool_sets, parsed, empty = (float(v) for v in sums)
+    """`plan_success` is TinyAgent's rule, the paper's figure. `plan_parse_rate` and
+    `strict_plan_success` come from a stricter parser (every line a numbered call, join last):
+    they say how clean the output is, and never decide success."""
+    n, successes, tool_sets, parsed, empty, strict = (float(v) for v in sums)
     low, high = wilson_interval(successes, n)
     return {
         "plan_success": successes / n if n else 0.0,
@@ -203,6 +218,7 @@ def plan_metrics(sums: torch.Tensor) -> dict[str, float]:
         "plan_success_ci_high": high,
         "tool_set_accuracy": tool_sets / n if n else 0.0,
         "plan_parse_rate": parsed / n if n else 0.0,
+        "strict_plan_success": strict / n if n else 0.0,
         "empty_output_rate": empty / n if n else 0.0,
         "eval_examples": n,
     }
@@ -262,10 +278,11 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     """Train one planner configuration; runs on every Ray Train worker.
 
     loop_config: {"trainer": PlannerConfig fields, "data": ObjectRef or dict of
-    {"train"/"test": [{"messages": [(role, content)], "plan": str}]}, "data_fingerprint": str}.
-    Reports per epoch plan_success, tool_set_accuracy (on the evaluation subset, or on the
-    whole test set after the last epoch, where full_test_set is 1), paper_distance,
-    best_paper_distance, train_loss and cost figures, and `sample_plans` as JSON text.
+    {"train"/"val": [{"messages": [(role, content)], "plan": str}]}, "data_fingerprint": str}.
+    Reports per epoch plan_success, tool_set_accuracy (on the validation subset, or on the
+    whole validation split after the last epoch, where full_validation_set is 1),
+    paper_distance, best_paper_distance, train_loss and cost figures, and `sample_plans` as
+    JSON text.
     """
     import ray
     import ray.train
@@ -282,14 +299,14 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     # otherwise run four threads.
     assigned_cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
     torch.set_num_threads(max(1, int(assigned_cpus)))
-    torch.manual_seed(config.seed)
+    seed_everything(config.seed)
 
     data = loop_config["data"]
     if isinstance(data, ray.ObjectRef):
         data = ray.get(data)
     train_examples = data["train"][: config.max_train_examples]
-    test_examples = data["test"][: config.max_eval_examples]
-    subset = test_examples[: config.eval_subset_size]
+    val_examples = data["val"][: config.max_eval_examples]
+    subset = val_examples[: config.eval_subset_size]
     tokenizer = load_tokenizer(config.model_path)
     train_split = encode_train_split(tokenizer, train_examples, config)
     data_prep_seconds = time.perf_counter() - started
@@ -344,11 +361,11 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         improved = best_state is None or rank_key <= best_key
         if improved:
             best_key, best_distance, best_state = rank_key, distance, lora_state(model)
-        full_test_set = epoch == config.epochs
-        if full_test_set:  # the trial's figure: the best epoch's adapter on every test example
+        full_validation_set = epoch == config.epochs
+        if full_validation_set:  # the trial's figure: the best epoch's adapter on all of validation
             if not improved:
                 _restore_lora_state(model, best_state)
-            metrics, samples = evaluate(model, tokenizer, test_examples, config, device, rank, world)
+            metrics, samples = evaluate(model, tokenizer, val_examples, config, device, rank, world)
             distance = best_distance = paper_distance({config.paper_target: metrics["plan_success"]}, targets)
             best_key = (distance, -metrics["tool_set_accuracy"], -metrics["plan_parse_rate"])
         cost = all_reduce_sum(torch.tensor(
@@ -356,7 +373,8 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             dtype=torch.float64, device=device)).cpu().tolist()
         metrics.update(
             epoch=epoch,
-            full_test_set=float(full_test_set),
+            full_validation_set=float(full_validation_set),
+            examples_over_max_length=float(train_split["over_max_length"]),
             paper_distance=distance,
             best_paper_distance=best_distance,
             # ASHA's signal: the best distance, ties broken by tool-set accuracy and parse rate.
@@ -384,3 +402,21 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         else:
             ray.train.report(metrics)
 
+
+def score_checkpoint(directory: str, examples: list[dict[str, Any]], device: torch.device | None = None,
+                     max_examples: int | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """A trial's checkpoint scored on held-out examples (the test split, once per trial, after
+    the search): (metrics, sample plans). Metrics are `plan_metrics` plus `paper_distance` from
+    the checkpoint's own paper target; `max_examples` defaults to the checkpoint's
+    max_eval_examples, so test is scored on as many examples as validation was."""
+    device = device or torch.device("cpu")
+    model, tokenizer, config = load_checkpoint(directory)
+    model.to(device)
+    limit = max_examples if max_examples is not None else config.max_eval_examples
+    metrics, samples = evaluate(model, tokenizer, examples[:limit], config, device, rank=0, world=1)
+    target = {config.paper_target: config.targets[config.paper_target].model_dump()}
+    metrics["paper_distance"] = paper_distance({config.paper_target: metrics["plan_success"]}, target)
+    metrics["prompts_cut"] = float(sum(prompt_token_ids(
+        tokenizer, planner_messages(e["messages"], config.system_prompt), config.prompt_template, config.max_length,
+        config.max_new_tokens)[1] for e in examples[:limit]))
+    return metrics, samples

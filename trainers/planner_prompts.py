@@ -44,22 +44,35 @@ def training_target(plan: str) -> str:
     return plan + END_OF_PLAN
 
 
+def prompt_token_ids(tokenizer: Any, messages: list[tuple[str, str]], template: str, max_length: int,
+                     max_new_tokens: int) -> tuple[list[int], bool]:
+    """(BOS + the rendered prompt's ids, whether the prompt was cut): what the model reads before
+    the plan, in training and in generation alike.
+
+    The prompt keeps its last `max_length - max_new_tokens` tokens (BOS included), so the room
+    left for the plan is the same `max_new_tokens` the model may generate. A cut prompt loses its
+    beginning (the tool list), never the question.
+    """
+    ids = tokenizer(render_prompt(messages, template, tokenizer), add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    room = max(1, max_length - max_new_tokens - len(bos))
+    return bos + ids[-room:], len(ids) > room
+
+
 def encode_example(tokenizer: Any, messages: list[tuple[str, str]], plan: str, template: str,
-                   max_length: int) -> dict[str, list[int]]:
-    """input_ids and labels for causal-LM training with the loss on the response only.
+                   max_length: int, max_new_tokens: int) -> dict[str, Any]:
+    """input_ids and labels for causal-LM training with the loss on the response only, and
+    `over_max_length`: whether prompt plus target had to be cut to fit max_length.
 
     Prompt and response are tokenized apart so the boundary is exact; prompt positions get
-    IGNORE_INDEX. A prompt too long for max_length loses its beginning (the tool list), never
-    the question or the response; a response longer than max_length is cut at the end.
+    IGNORE_INDEX. The prompt is `prompt_token_ids`, exactly what generation is given; the
+    response (plan, end marker, EOS) fills the rest of max_length and is cut at its end.
     """
-    prompt_ids = tokenizer(render_prompt(messages, template, tokenizer), add_special_tokens=False)["input_ids"]
+    prompt, prompt_cut = prompt_token_ids(tokenizer, messages, template, max_length, max_new_tokens)
     response_ids = tokenizer(training_target(plan), add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         response_ids = response_ids + [tokenizer.eos_token_id]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    response_ids = response_ids[: max_length - len(bos)]
-    room = max_length - len(bos) - len(response_ids)
-    prompt_ids = prompt_ids[len(prompt_ids) - room:] if room > 0 else []
-    input_ids = bos + prompt_ids + response_ids
-    labels = [IGNORE_INDEX] * (len(bos) + len(prompt_ids)) + response_ids
-    return {"input_ids": input_ids, "labels": labels}
+    room = max_length - len(prompt)
+    input_ids = prompt + response_ids[:room]
+    labels = [IGNORE_INDEX] * len(prompt) + response_ids[:room]
+    return {"input_ids": input_ids, "labels": labels, "over_max_length": prompt_cut or len(response_ids) > room}

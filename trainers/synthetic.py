@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from trainers.data import normalize_query
 from trainers.tools import END_OF_PLAN, JOIN_TOOL, TOOL_NAMES, TOOLS
 
 PEOPLE = [
@@ -337,8 +338,11 @@ def _record(rng: random.Random, intents_per_request: list[int], in_context: list
     return {"input": query, "output": [plan_point, join_point]}
 
 
-def generate_split(num_records: int, seed: int, split: str) -> dict[str, dict[str, Any]]:
-    """Records of one split; the same (num_records, seed, split) always gives the same data."""
+def generate_split(num_records: int, seed: int, split: str,
+                   exclude_queries: frozenset[str] = frozenset()) -> dict[str, dict[str, Any]]:
+    """Records of one split; the same (num_records, seed, split, exclusions) always gives the
+    same data. A drawn request whose normalised query is in `exclude_queries` is drawn again,
+    so the training file never holds a test query."""
     rng = random.Random(f"{seed}-{split}")
     example_rng = random.Random(f"{seed}-examples")
     in_context = []
@@ -348,7 +352,17 @@ def generate_split(num_records: int, seed: int, split: str) -> dict[str, dict[st
         in_context.append((clause[0].upper() + clause[1:], render_plan(builder.calls)))
     # Weights of 1..4 calls per plan, chosen so the mean distinct-tool count lands near 2.5.
     calls_choices = [1] * 2 + [2] * 3 + [3] * 3 + [4] * 2
-    return {f"{split}-{i:06d}": _record(rng, calls_choices, in_context) for i in range(num_records)}
+    records = {}
+    for i in range(num_records):
+        record = _record(rng, calls_choices, in_context)
+        for _redraw in range(10_000):
+            if normalize_query(record["input"]) not in exclude_queries:
+                break
+            record = _record(rng, calls_choices, in_context)
+        else:  # a bug in the grammar, not bad input: it cannot write enough distinct requests
+            raise RuntimeError(f"{split} record {i}: 10,000 draws all repeated an excluded query")
+        records[f"{split}-{i:06d}"] = record
+    return records
 
 
 def label_statistics(records: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -370,8 +384,11 @@ def write_dataset(out_dir: Path, num_train: int = 2000, num_test: int = 500, see
     """Write training_data.json and testing_data.json into out_dir, atomically; return train stats."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stats = {}
-    for split, count, file_name in (("train", num_train, "training_data.json"), ("test", num_test, "testing_data.json")):
-        records = generate_split(count, seed, split)
+    # Test first: its queries are then kept out of train (validation is carved from train).
+    test_records = generate_split(num_test, seed, "test")
+    test_queries = frozenset(normalize_query(r["input"]) for r in test_records.values())
+    for split, file_name in (("train", "training_data.json"), ("test", "testing_data.json")):
+        records = test_records if split == "test" else generate_split(num_train, seed, "train", test_queries)
         stats[split] = label_statistics(records)
         tmp = out_dir / f".{file_name}.tmp"
         tmp.write_text(json.dumps(records))

@@ -3,9 +3,11 @@
 `train_fn_per_worker` is what a `TorchTrainer` runs on each worker. It knows Ray Train
 (context, report, checkpoint) but nothing of Tune: the search driver wraps it.
 
-Per epoch every worker trains on its shard, then scores its slice of the held-out set; the
-sums are all-reduced so each worker reports the metrics of the whole set. Rank 0 writes a
-checkpoint only when the epoch is the best so far, and the run keeps one checkpoint.
+Per epoch every worker trains on its shard, then scores its slice of the validation split;
+the sums are all-reduced so each worker reports the metrics of the whole split. Rank 0 writes
+a checkpoint only when the epoch is the best so far, and the run keeps one checkpoint. Workers
+never see the test split: `score_checkpoint` scores a trial's best checkpoint on it once,
+after the search.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trainers.batching import (
     PaddedBatches, all_reduce_sum, autocast, first_epoch, from_last_checkpoint, length_grouped_batches,
-    pack_sequences, report_again_if_ended, save_trainer_state, unwrap,
+    pack_sequences, report_again_if_ended, save_trainer_state, seed_everything, unwrap,
 )
 from trainers.evaluation import ToolRetrievalCounts, paper_distance
 from trainers.models import config_from_dict
@@ -68,7 +70,8 @@ class ToolRAGConfig(BaseModel):
     threshold: float = Field(0.5, gt=0, lt=1)
     eval_batch_size: int = Field(128, ge=1)
     max_train_examples: int | None = Field(None, ge=1)
-    max_eval_examples: int | None = Field(None, ge=1)
+    max_eval_examples: int | None = Field(None, ge=1, description="Cap on the validation examples scored per "
+                                                                  "epoch, and on the test examples scored once.")
     bf16: bool = Field(True, description="bf16 autocast; applies on GPU only.")
     seed: int = 0
     cache_dir: str = Field(description="Node-local folder for tokenized data, shared by the trials on a node.")
@@ -163,7 +166,7 @@ def load_cached_tokens(config: ToolRAGConfig, data_fingerprint: str) -> dict[str
 def tokenize_splits(config: ToolRAGConfig, data: dict[str, Any], data_fingerprint: str) -> dict[str, Any]:
     """Token ids per split, computed once per (data, tokenizer, template, cap) and cached on disk.
 
-    Returns {"pad_id": Tensor, "train": {"flat", "offsets", "labels"}, "test": {...}}.
+    Returns {"pad_id": Tensor, "train": {"flat", "offsets", "labels"}, "val": {...}}.
     Concurrent trials may both miss the cache; each writes a temp file and renames it, so a
     reader never sees half a file.
     """
@@ -173,15 +176,10 @@ def tokenize_splits(config: ToolRAGConfig, data: dict[str, Any], data_fingerprin
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(config.model_path)
-    limits = {"train": config.max_train_examples, "test": config.max_eval_examples}
+    limits = {"train": config.max_train_examples, "val": config.max_eval_examples}
     encoded: dict[str, Any] = {"pad_id": torch.tensor(int(tokenizer.pad_token_id or 0))}
-    for split in ("train", "test"):
-        queries, labels = data[split]["queries"], data[split]["labels"]
-        if limits[split] is not None:
-            queries, labels = queries[: limits[split]], labels[: limits[split]]
-        ids = tokenizer(render_inputs(queries, config.prompt_template), truncation=True,
-                        max_length=config.max_length)["input_ids"]
-        encoded[split] = {**pack_sequences(ids), "labels": torch.tensor(labels, dtype=torch.float32)}
+    for split in ("train", "val"):
+        encoded[split] = _encode(tokenizer, data[split], config, limits[split])
     cache_path = _token_cache_path(config, data_fingerprint)
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(dir=cache_path.parent, suffix=".tmp")
@@ -189,6 +187,14 @@ def tokenize_splits(config: ToolRAGConfig, data: dict[str, Any], data_fingerprin
     torch.save(encoded, temp_name)
     os.replace(temp_name, cache_path)
     return encoded
+
+
+def _encode(tokenizer, split: dict[str, list], config: ToolRAGConfig, limit: int | None) -> dict[str, torch.Tensor]:
+    """Packed token ids and label rows of one split's first `limit` queries."""
+    queries, labels = split["queries"][:limit], split["labels"][:limit]
+    ids = tokenizer(render_inputs(queries, config.prompt_template), truncation=True,
+                    max_length=config.max_length)["input_ids"]
+    return {**pack_sequences(ids), "labels": torch.tensor(labels, dtype=torch.float32).reshape(-1, NUM_TOOLS)}
 
 
 def _evaluate(model, split: dict[str, Any], pad_id: int, config: ToolRAGConfig, device, rank: int, world: int):
@@ -217,8 +223,9 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     """Train one ToolRAG configuration; runs on every Ray Train worker.
 
     loop_config: {"trainer": ToolRAGConfig fields, "data": ObjectRef or dict of
-    {"train"/"test": {"queries": [...], "labels": [[16 floats]]}}, "data_fingerprint": str}.
-    Reports per epoch: tool_recall, tool_count (with 95% CIs), precision, per-tool recall,
+    {"train"/"val": {"queries": [...], "labels": [[16 floats]]}}, "data_fingerprint": str}.
+    Reports per epoch, on the validation split: tool_recall, tool_count (with 95% CIs),
+    precision, per-tool recall,
     paper_distance, best_paper_distance and cost figures; rank 0 attaches a checkpoint when
     the epoch is the best so far.
     """
@@ -237,7 +244,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     # core in every worker, and two trials on two cores fight over four threads.
     assigned_cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
     torch.set_num_threads(max(1, int(assigned_cpus)))
-    torch.manual_seed(config.seed)
+    seed_everything(config.seed)
 
     # On a cache hit the raw queries are not even fetched from the object store.
     encoded = load_cached_tokens(config, loop_config["data_fingerprint"])
@@ -289,7 +296,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             loss_total += loss.item()
             batches += 1
 
-        metrics = _evaluate(model, encoded["test"], pad_id, config, device, rank, world)
+        metrics = _evaluate(model, encoded["val"], pad_id, config, device, rank, world)
         metrics["paper_distance"] = paper_distance(metrics, targets)
         improved = metrics["paper_distance"] < best_distance
         best_distance = min(best_distance, metrics["paper_distance"])
@@ -320,3 +327,22 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics)
+
+
+def score_checkpoint(directory: str, split: dict[str, list], device: torch.device | None = None,
+                     max_examples: int | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """A trial's checkpoint scored on held-out queries (the test split, once per trial, after the
+    search): (metrics, no samples). `split` is {"queries", "labels"}; metrics are those of an
+    epoch plus `paper_distance` from the checkpoint's own targets. `max_examples` defaults to
+    the checkpoint's max_eval_examples, so test is scored on as many examples as validation."""
+    from transformers import AutoTokenizer
+
+    device = device or torch.device("cpu")
+    model, config = load_checkpoint(directory)
+    model.to(device)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    limit = max_examples if max_examples is not None else config.max_eval_examples
+    encoded = _encode(tokenizer, split, config, limit)
+    metrics = _evaluate(model, encoded, int(tokenizer.pad_token_id or 0), config, device, rank=0, world=1)
+    metrics["paper_distance"] = paper_distance(metrics, {k: t.model_dump() for k, t in config.targets.items()})
+    return metrics, []

@@ -22,8 +22,9 @@ PRESETS_DIR = SPACES_DIR / "presets"
 TARGETS_FILE = SPACES_DIR / "targets.yaml"
 MODELS = ("toolrag", "planner")
 PRESETS = ("paper", "local", "tiny")
-# Keys a preset or the driver sets, never a search: where the model and caches live.
-NOT_SEARCHABLE = {"model_path", "architecture", "cache_dir", "targets"}
+# Keys only the driver sets, never a preset or a search: where the model and caches live, and
+# the seed (--seed, so that one flag decides it).
+NOT_SEARCHABLE = {"model_path", "architecture", "cache_dir", "targets", "seed"}
 TRAINER_CONFIGS: dict[str, type[BaseModel]] = {"toolrag": ToolRAGConfig, "planner": PlannerConfig}
 TEMPLATES: dict[str, tuple[str, ...]] = {"toolrag": tuple(TOOLRAG_TEMPLATES), "planner": PLANNER_TEMPLATES}
 # The paper's figures each model's trainer is scored against (names in targets.yaml).
@@ -229,3 +230,35 @@ def load_search_space(model: str, path: Path, base_trainer: dict[str, Any]) -> S
             if not space.parameters[key].contains(value):
                 raise UserError(f"{path}: warm_start[{position}].{key}: {value!r} is outside the searched range")
     return space
+
+
+def layer_preset_over_space(preset_trainer: dict[str, Any], preset_file: Path, space: SearchSpace,
+                            space_file: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(the preset's fixed settings, the warm starts) once preset and space are layered.
+
+    A preset value for a key the space searches is never dropped: the preset's values become
+    the first warm start, completed with the space's own first warm start for the keys the
+    preset leaves out. A value outside the searched range, or a partial point with no warm
+    start to complete it, is refused naming both files. The fixed settings returned hold no
+    searched key: those come from each trial's config.
+    """
+    searched_in_preset = {k: v for k, v in preset_trainer.items() if k in space.parameters}
+    fixed = {k: v for k, v in preset_trainer.items() if k not in space.parameters}
+    warm_start = [dict(point) for point in space.warm_start]
+    if not searched_in_preset:
+        return fixed, warm_start
+    for key, value in searched_in_preset.items():
+        if not space.parameters[key].contains(value):
+            parameter = space.parameters[key]
+            searched = (f"values {parameter.values}" if parameter.type == "choice"
+                        else f"{parameter.low:g}..{parameter.high:g}")
+            raise UserError(f"{preset_file}: trainer.{key} {value!r} is outside what {space_file} searches for it "
+                            f"({searched}); change one of the two files")
+    missing = sorted(set(space.parameters) - set(searched_in_preset))
+    if missing and not warm_start:
+        raise UserError(f"{preset_file}: trainer sets {', '.join(sorted(searched_in_preset))}, which {space_file} "
+                        f"searches, but not {', '.join(missing)}; a warm start needs every searched key, so set "
+                        "them in the preset or add a warm_start to the space")
+    point = {**(warm_start[0] if missing else {}), **searched_in_preset}
+    point = {key: point[key] for key in space.parameters}
+    return fixed, [point] + [other for other in warm_start if other != point]

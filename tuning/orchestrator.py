@@ -22,8 +22,8 @@ from trainers.data import HUB_DATASET_ID, Dataset, load_dataset_dir
 from trainers.models import resolve_source
 from trainers.planner_base import base_cache_dir
 from tuning.config import (
-    PRESETS, SPACES_DIR, TARGETS_FILE, TRAINER_CONFIGS, UserError, load_preset, load_search_space,
-    load_targets, preset_path,
+    PRESETS, SPACES_DIR, TARGETS_FILE, TRAINER_CONFIGS, UserError, layer_preset_over_space, load_preset,
+    load_search_space, load_targets, preset_path,
 )
 from tuning.driver import SearchRequest
 
@@ -49,6 +49,10 @@ class PreparedSearch:
     base_build: dict[str, Any] | None = None
     # The parent run of the interrupted search `--resume` continues.
     resume_parent_id: str | None = None
+    # What the trials never see: scored once per trial, on its best checkpoint, after the search.
+    test_data: Any = None
+    # Figures about the data that could not be prevented, for the parent run.
+    data_metrics: dict[str, float] | None = None
 
 
 def _git_commit() -> str:
@@ -69,13 +73,13 @@ def _load_data(args: argparse.Namespace, preset, results_dir: Path) -> Dataset:
             print(synthetic.format_statistics(stats), flush=True)
         else:
             print(f"[data] no --data given: using synthetic TinyAgent-format data cached in {folder}", flush=True)
-        return load_dataset_dir(folder)
+        return load_dataset_dir(folder, val_fraction=args.val_fraction)
     local = Path(args.data).expanduser()
     if local.exists():
-        return load_dataset_dir(local, skip_invalid=args.skip_invalid)
+        return load_dataset_dir(local, skip_invalid=args.skip_invalid, val_fraction=args.val_fraction)
     if args.data.count("/") == 1 and not args.data.startswith((".", "/", "~")):
         folder = resolve_source(args.data, "dataset", "--data")
-        return load_dataset_dir(folder, skip_invalid=args.skip_invalid)
+        return load_dataset_dir(folder, skip_invalid=args.skip_invalid, val_fraction=args.val_fraction)
     raise UserError(f"--data {args.data}: no such directory (or pass the hub id {HUB_DATASET_ID})")
 
 
@@ -95,13 +99,40 @@ def redact_uri(uri: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
-def trial_data(model: str, dataset: Dataset) -> dict[str, Any]:
-    """What each trial's workers read, per split: only the fields the model's trainer needs."""
+def split_data(model: str, examples: list) -> Any:
+    """One split as the model's trainer reads it: only the fields it needs."""
     if model == "toolrag":
-        return {split: {"queries": [e.query for e in examples], "labels": [e.label_vector for e in examples]}
-                for split, examples in (("train", dataset.train), ("test", dataset.test))}
-    return {split: [{"messages": [list(m) for m in e.messages], "plan": e.plan} for e in examples]
-            for split, examples in (("train", dataset.train), ("test", dataset.test))}
+        return {"queries": [e.query for e in examples], "labels": [e.label_vector for e in examples]}
+    return [{"messages": [list(m) for m in e.messages], "plan": e.plan} for e in examples]
+
+
+def trial_data(model: str, dataset: Dataset) -> dict[str, Any]:
+    """What each trial's workers read: train and validation. The test split is not among them."""
+    return {"train": split_data(model, dataset.train), "val": split_data(model, dataset.val)}
+
+
+def _report_data(dataset: Dataset) -> dict[str, float]:
+    """Print what the splits hold and what could not be prevented; the figures for the parent run."""
+    print(f"[data] {len(dataset.train)} train / {len(dataset.val)} validation (carved from the training file, "
+          f"--val-fraction {dataset.val_fraction:g}) / {len(dataset.test)} test examples; trials select on "
+          "validation, and test is scored once per trial after the search", flush=True)
+    if dataset.skipped_invalid:
+        print(f"[data] --skip-invalid: left out {dataset.skipped_invalid} invalid records", flush=True)
+    if dataset.skipped_without_plan:
+        print(f"[data] left out {dataset.skipped_without_plan} records without a plan point", flush=True)
+    print(f"[data] {dataset.test_queries_in_train} test queries also occur in train (case and punctuation ignored)"
+          + ("; their test figures are partly memory" if dataset.test_queries_in_train else ""), flush=True)
+    if dataset.unparseable_targets:
+        kept = dataset.unparseable_targets - dataset.skipped_unparseable
+        print(f"[data] {dataset.unparseable_targets} target plans do not parse, or parse to an empty plan, with "
+              f"TinyAgent's parser (first: {dataset.first_unparseable}); "
+              + ("--skip-invalid left them out" if not kept else
+                 f"{kept} are kept and every trial fails them (--skip-invalid leaves them out)"), flush=True)
+    else:
+        print("[data] every target plan parses with TinyAgent's parser", flush=True)
+    return {"test_queries_in_train": dataset.test_queries_in_train,
+            "unparseable_targets": dataset.unparseable_targets,
+            "skipped_unparseable_targets": dataset.skipped_unparseable}
 
 
 def _check_chat_template(model_path: Path, space, preset_trainer: dict[str, Any]) -> None:
@@ -163,6 +194,8 @@ def prepare(args: argparse.Namespace) -> PreparedSearch:
         raise UserError(f"--cpus-per-worker {args.cpus_per_worker}: must be above 0")
     if args.gpus_per_worker < 0:
         raise UserError(f"--gpus-per-worker {args.gpus_per_worker}: must not be negative")
+    if not 0 < args.val_fraction <= 0.5:
+        raise UserError(f"--val-fraction {args.val_fraction}: must be above 0 and at most 0.5")
     if args.objective == "pareto" and args.model != "toolrag":
         raise UserError("--objective pareto: trades tool recall against tools retrieved, so it is for --model toolrag only")
     experiment_name = args.experiment_name or f"tinyagent-{args.model}-{preset_name}"
@@ -198,29 +231,29 @@ def prepare(args: argparse.Namespace) -> PreparedSearch:
     model_path = None if builds_base else resolve_source(model_source, "model", "--model-path")
     if args.model == "planner" and model_path is not None:
         _check_chat_template(model_path, space, preset.trainer)
+    preset_fixed, warm_start = layer_preset_over_space(preset.trainer, preset_file, space, space_path)
     dataset = _load_data(args, preset, results_dir)
-    if dataset.skipped_invalid:
-        print(f"[data] --skip-invalid: left out {dataset.skipped_invalid} invalid records", flush=True)
-    if dataset.skipped_without_plan:
-        print(f"[data] left out {dataset.skipped_without_plan} records without a plan point", flush=True)
+    data_metrics = _report_data(dataset)
     if builds_base:
-        model_path = base_cache_dir(results_dir / "cache", dataset.fingerprint, preset.model.architecture,
+        model_path = base_cache_dir(results_dir / "cache", dataset.split_fingerprint, preset.model.architecture,
                                     preset.model.build_base)
         model_source = f"built from config: {model_path}"
 
-    trainer_base = {**preset.trainer, "model_path": str(model_path), "targets": targets}
+    # One winner per setting: the trainer's default, then the preset; searched keys come from
+    # each trial (the preset's values for them are the first warm start); the seed is --seed.
+    trainer_base = {**preset_fixed, "model_path": str(model_path), "targets": targets, "seed": args.seed}
     if args.model == "toolrag":
         trainer_base.update(architecture=preset.model.architecture, cache_dir=str(results_dir / "cache" / "tokens"))
     config_cls = TRAINER_CONFIGS[args.model]
     trainer_base = config_cls.model_validate(
-        {**trainer_base, **(space.warm_start[0] if space.warm_start else {})}
+        {**trainer_base, **(warm_start[0] if warm_start else {})}
     ).model_dump(exclude=set(space.parameters))
     data = trial_data(args.model, dataset)
     run_name = f"{experiment_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     request = SearchRequest(
         model=args.model, experiment_name=run_name, storage_path=storage, trainer_base=trainer_base,
-        param_space={k: v.model_dump() for k, v in space.parameters.items()}, warm_start=space.warm_start,
-        data=data, data_fingerprint=dataset.fingerprint,
+        param_space={k: v.model_dump() for k, v in space.parameters.items()}, warm_start=warm_start,
+        data=data, data_fingerprint=dataset.split_fingerprint,
         num_samples=args.num_samples or preset.search.num_samples, max_concurrent=args.max_concurrent,
         workers_per_trial=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker,
         gpus_per_worker=args.gpus_per_worker, seed=args.seed, objective=args.objective,
@@ -240,6 +273,7 @@ def prepare(args: argparse.Namespace) -> PreparedSearch:
         "cpus_per_worker": request.cpus_per_worker, "gpus_per_worker": request.gpus_per_worker,
         "data_source": dataset.source, "data_fingerprint": dataset.fingerprint,
         "train_examples": len(dataset.train), "test_examples": len(dataset.test),
+        "val_fraction": dataset.val_fraction, "val_examples": len(dataset.val),
         "search_space": json.dumps(request.param_space), "warm_start": json.dumps(request.warm_start),
         "model_source": model_source,
     }
@@ -257,6 +291,7 @@ def prepare(args: argparse.Namespace) -> PreparedSearch:
         experiment_name=experiment_name, preset_name=preset_name, targets=targets, dataset=dataset,
         files=[space_path, preset_file, TARGETS_FILE],
         top_k=args.top_k, fixed_params=fixed, parent_params=parent_params, resume_parent_id=resume_parent_id,
+        test_data=split_data(args.model, dataset.test), data_metrics=data_metrics,
     )
 
 
@@ -343,7 +378,7 @@ def execute(prepared: PreparedSearch) -> int:
     """Run the prepared search; returns the process exit code."""
     import ray
 
-    from tuning import driver, report
+    from tuning import driver, holdout, report
     from tuning.tracking import SearchTracker
 
     request = prepared.request
@@ -375,10 +410,13 @@ def execute(prepared: PreparedSearch) -> int:
                               "experiment_name": request.experiment_name}, prepared.files)
         print(f"[mlflow] parent run {tracker.parent_run_id} in {prepared.tracking_uri} "
               f"(experiment {prepared.experiment_name})", flush=True)
+    tracker.log_parent_metrics(prepared.data_metrics or {})
     request.callbacks = [tracker.callback(prepared.fixed_params)]
     status, budget = "FAILED", None
     try:
         budget = driver.run_search(request)
+        holdout.score_trials_on_test(tracker, request.model, prepared.test_data,
+                                     request.cpus_per_worker, request.gpus_per_worker)
         status = "FAILED" if budget.exhausted else "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -396,6 +434,9 @@ def execute(prepared: PreparedSearch) -> int:
         }
         if ranked:
             totals["best_paper_distance"] = ranked[0].objective
+            if ranked[0].test:  # the closest trial (chosen on validation), on the test split
+                totals.update({f"closest_test_{k}": v for k, v in ranked[0].test.items() if "/" not in k})
+        totals["trials_scored_on_test"] = sum(r.test is not None for r in tracker.trials.values())
         front, version = [], None
         try:  # whatever goes wrong while marking, the parent run is closed and Ray stopped
             version = tracker.mark_closest(prepared.top_k, REGISTERED_MODEL[request.model]) if ranked else None
@@ -412,7 +453,8 @@ def execute(prepared: PreparedSearch) -> int:
     paper_figures = ({"plan_success": prepared.targets[request.trainer_base.get("paper_target", "plan_success")]["value"]}
                      if request.model == "planner" else None)
     print(report.format_table(ranked[: prepared.top_k], prepared.targets,
-                              f"Closest to the paper (best epoch of each trial, {len(ranked)} trials scored):",
+                              f"Closest to the paper on validation (best epoch of each trial, {len(ranked)} trials "
+                              "ranked), with each trial's test figures, scored once:",
                               model=request.model, paper_figures=paper_figures))
     if "prompt_template" in request.param_space:
         headline = report.FIGURES[request.model][0]
@@ -420,7 +462,11 @@ def execute(prepared: PreparedSearch) -> int:
     if request.objective == "pareto":
         print(report.format_table(front, prepared.targets, "Pareto front (recall up, tools retrieved down):"))
     print(f"\n{totals['trials_finished']} finished ({totals['trials_stopped_early']} stopped early by ASHA), "
-          f"{totals['trials_failed']} failed, in {totals['search_wall_seconds']:.0f} s.")
+          f"{totals['trials_failed']} failed, in {totals['search_wall_seconds']:.0f} s; "
+          f"{totals['trials_scored_on_test']} scored on the test split.")
+    unscored = [r.trial_id for r in ranked if r.checkpoint_path and r.test is None]
+    if unscored:
+        print(f"Not scored on test: {', '.join(unscored)} (the reason is in each run's test_error tag).")
     if prepared.resume_parent_id:
         lost = tracker.lost_trials()
         print(f"Resumed: {found['finished'] + found['failed']} trials had ended before the driver stopped and "

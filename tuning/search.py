@@ -31,7 +31,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny preset, a few trials, about a minute or two")
     parser.add_argument("--data", help="folder with training_data.json and testing_data.json, or the hub id "
                                        "squeeze-ai-lab/TinyAgent-dataset (default: synthetic data, generated once)")
-    parser.add_argument("--skip-invalid", action="store_true", help="skip malformed records instead of stopping")
+    parser.add_argument("--skip-invalid", action="store_true",
+                        help="skip malformed records, and records whose target plan TinyAgent's parser cannot "
+                             "parse, instead of stopping (or, for unparseable targets, keeping and counting them)")
+    parser.add_argument("--val-fraction", type=float, default=0.1,
+                        help="share of the training file carved out as the validation split, by record key and "
+                             "whole queries (default 0.1); every selection (epochs, ASHA, Optuna, the closest "
+                             "trial) uses it, and test is scored once per trial after the search")
     parser.add_argument("--model-path", help="local folder with the preset's model (instead of its hub name)")
     parser.add_argument("--space", help="search-space YAML (default: the preset's)")
     parser.add_argument("--num-samples", type=int, help="number of trials (default: the preset's)")

@@ -26,13 +26,18 @@ PARENT_TAG = "mlflow.parentRunId"
 INTERRUPTED_TAG = "interrupted_by_driver_stop"
 CHECKPOINT_TAG = "checkpoint_path"
 # Result keys worth a per-epoch curve in MLflow; the rest are Ray's bookkeeping.
+# Every one is a validation figure: the test split is scored once per trial, after the search,
+# and logged under TEST_PREFIX.
 EPOCH_METRIC_PREFIXES = ("tool_", "paper_distance", "best_paper_distance", "train_loss", "recall/",
-                         "padding_waste", "cpu_seconds", "gpu_seconds", "plan_", "empty_output_rate",
-                         "eval_examples", "full_test_set", "resumed_from_epoch")
+                         "padding_waste", "cpu_seconds", "gpu_seconds", "plan_", "strict_plan_", "empty_output_rate",
+                         "eval_examples", "full_validation_set", "resumed_from_epoch", "examples_over_max_length")
+TEST_PREFIX = "test_"
+# Set on a trial's run when scoring its checkpoint on the test split raised.
+TEST_ERROR_TAG = "test_error"
 # Best-epoch figures copied to `final_*` metrics when a trial ends (those a model reports).
 FINAL_KEYS = ("tool_recall", "tool_recall_ci_low", "tool_recall_ci_high", "tool_count", "tool_count_ci_low",
               "tool_count_ci_high", "tool_precision", "plan_success", "plan_success_ci_low", "plan_success_ci_high",
-              "tool_set_accuracy", "plan_parse_rate", "eval_examples", "paper_distance", "epoch")
+              "tool_set_accuracy", "plan_parse_rate", "strict_plan_success", "eval_examples", "paper_distance", "epoch")
 
 
 @dataclass
@@ -53,6 +58,8 @@ class TrialRecord:
     # which must not touch the run again.
     ended_before_resume: bool = False
     interrupted: bool = False
+    # The best checkpoint's figures on the test split (keys without TEST_PREFIX), once scored.
+    test: dict[str, float] | None = None
 
     @property
     def objective(self) -> float:
@@ -62,15 +69,21 @@ class TrialRecord:
 def _better(result: dict[str, Any], best: dict[str, Any] | None) -> bool:
     """Whether `result` should replace a trial's best so far.
 
-    A planner trial's last report scores the whole test set, the others a subset; the whole
-    set wins. Otherwise (every ToolRAG epoch scores the whole set) the lower distance wins.
+    A planner trial's last report scores the whole validation split, the others a subset; the
+    whole split wins. Otherwise (every ToolRAG epoch scores the whole split) the lower distance
+    wins.
     """
     if best is None:
         return True
-    full, best_full = result.get("full_test_set", 1.0) == 1.0, best.get("full_test_set", 1.0) == 1.0
+    full, best_full = _full_validation(result), _full_validation(best)
     if full != best_full:
         return full
     return result["paper_distance"] < best["paper_distance"]
+
+
+def _full_validation(result: dict[str, Any]) -> bool:
+    """Whether a result scores the whole validation split (every ToolRAG epoch does)."""
+    return result.get("full_validation_set", 1.0) == 1.0
 
 
 class SearchTracker:
@@ -98,6 +111,10 @@ class SearchTracker:
         for path in files:
             self.client.log_artifact(self.parent_run_id, str(path), artifact_path="config")
         return self.parent_run_id
+
+    def log_parent_metrics(self, metrics: dict[str, float]) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.parent_run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
 
     def reattach(self, parent_run_id: str, searched_keys: list[str]) -> dict[str, int]:
         """Continue an interrupted search's parent run, with every trial it already recorded.
@@ -227,14 +244,28 @@ class SearchTracker:
         self.client.set_terminated(record.run_id, status=status)
 
     # ----- the end of the search --------------------------------------------------------
+    def record_test(self, trial_id: str, metrics: dict[str, float], samples: list[dict[str, Any]]) -> None:
+        """Log a trial's test-split figures (`test_*`, each rate with its interval) on its run."""
+        record = self.trials[trial_id]
+        record.test = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        now = int(time.time() * 1000)
+        self.client.log_batch(record.run_id, metrics=[Metric(TEST_PREFIX + k, v, now, 0) for k, v in record.test.items()])
+        if samples:
+            self.client.log_text(record.run_id, json.dumps(samples, indent=1), "sample_plans/test.json")
+
+    def record_test_error(self, trial_id: str, error: str) -> None:
+        self.client.set_tag(self.trials[trial_id].run_id, TEST_ERROR_TAG, error[-4000:])
+
     def ranked(self) -> list[TrialRecord]:
-        """Trials with at least one evaluated epoch, closest to the paper first; trials scored on
-        the whole test set rank before those stopped while scored on a subset only."""
+        """Trials with at least one evaluated epoch, closest to the paper on validation first;
+        trials scored on the whole validation split rank before those stopped while scored on a
+        subset only. The test split plays no part."""
         return sorted((r for r in self.trials.values() if r.best is not None),
-                      key=lambda r: (r.best.get("full_test_set", 1.0) != 1.0, r.objective))
+                      key=lambda r: (not _full_validation(r.best), r.objective))
 
     def mark_closest(self, k: int, registered_model_name: str, alias: str = "closest-to-paper") -> str | None:
-        """Tag the k closest trials 1..k and register the closest one's best checkpoint.
+        """Tag the k closest trials (on validation) 1..k and register the closest one's best
+        checkpoint.
 
         Returns the registered model version, or None when no trial has a checkpoint.
         """
@@ -251,8 +282,10 @@ class SearchTracker:
         except Exception:  # mlflow raises RestException/MlflowException for "not found" by store
             self.client.create_registered_model(registered_model_name)
         source = f"{self.client.get_run(best.run_id).info.artifact_uri}/model"
-        version = self.client.create_model_version(registered_model_name, source, run_id=best.run_id,
-                                                   tags={"paper_distance": f"{best.objective:.4f}"})
+        tags = {"validation_paper_distance": f"{best.objective:.4f}"}
+        if best.test:
+            tags["test_paper_distance"] = f"{best.test['paper_distance']:.4f}"
+        version = self.client.create_model_version(registered_model_name, source, run_id=best.run_id, tags=tags)
         self.client.set_registered_model_alias(registered_model_name, alias, version.version)
         return version.version
 
@@ -296,6 +329,8 @@ def _record_from_run(client: MlflowClient, run, searched_keys: list[str]) -> Tri
                          checkpoint_path=run.data.tags.get(CHECKPOINT_TAG),
                          stopped_early=run.data.tags.get("stopped_early") == "true",
                          error=run.data.tags.get("error"), resumed_from=run.data.tags.get("resumed_from_epoch"))
+    test = {key[len(TEST_PREFIX):]: value for key, value in run.data.metrics.items() if key.startswith(TEST_PREFIX)}
+    record.test = test or None
     for epoch in sorted(results):
         result = results[epoch]
         if "paper_distance" not in result:
