@@ -73,6 +73,12 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "address unreachable": (["--address", "127.0.0.1:9"], "--address 127.0.0.1:9"),
         "storage under a file": (["--storage", str(a_file / "ray")], "--storage"),
         "resume without a search": (["--resume"], "no search to resume"),
+        "val fraction zero": (["--val-fraction", "0"], "--val-fraction"),
+        "val fraction too large": (["--val-fraction", "0.9"], "--val-fraction"),
+        # One record in the training file: nothing would be left to train on next to validation.
+        "too little data to carve validation": (["--data", str(_write_data(tmp / "d4", {"k1": good}, {"t": good}))],
+                                                "validation"),
+        "preset value outside the space": (["--preset", str(_preset_outside_space(tmp))], "batch_size"),
     }
 
 
@@ -82,7 +88,20 @@ CASE_NAMES = [
     "hub model offline", "model path missing", "relative sqlite uri", "workers below 1", "negative gpus",
     "unknown preset", "bad experiment name", "planner pareto", "planner chat without template",
     "planner space of toolrag", "address unreachable", "storage under a file", "resume without a search",
+    "val fraction zero", "val fraction too large", "too little data to carve validation",
+    "preset value outside the space",
 ]
+
+
+def _preset_outside_space(tmp: Path) -> Path:
+    """The tiny ToolRAG preset with a batch size its smoke space does not search."""
+    import yaml
+
+    preset = yaml.safe_load((PROJECT / "search_spaces" / "presets" / "toolrag" / "tiny.yaml").read_text())
+    preset["trainer"]["batch_size"] = 128
+    path = tmp / "outside.yaml"
+    path.write_text(yaml.safe_dump(preset))
+    return path
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)
@@ -179,3 +198,24 @@ def test_a_search_that_cannot_be_resumed_is_refused_before_anything_changes(case
     after = client.get_run(parent.info.run_id)
     assert (after.info.status, after.data.tags) == (before.info.status, before.data.tags)
     assert len(client.search_runs([parent.info.experiment_id])) == 1
+
+
+def test_prepare_seeds_every_trial_and_keeps_the_test_split_from_the_trials(small_data_dir, tmp_path):
+    """What the trials receive: --seed in their settings, train and validation data, and no
+    test example; the test split waits for the scoring after the search."""
+    from tuning.orchestrator import prepare
+    from tuning.search import parse_args
+
+    args = parse_args(["--model", "toolrag", "--smoke", "--data", str(small_data_dir), "--seed", "7",
+                       "--results-dir", str(tmp_path / "results")])
+    prepared = prepare(args)
+    request = prepared.request
+    assert request.trainer_base["seed"] == 7
+    assert set(request.data) == {"train", "val"}
+    trial_queries = set(request.data["train"]["queries"]) | set(request.data["val"]["queries"])
+    assert not trial_queries & set(prepared.test_data["queries"])
+    assert len(prepared.test_data["queries"]) == len(prepared.dataset.test) == 100
+    assert len(request.data["val"]["queries"]) == len(prepared.dataset.val) > 0
+    assert prepared.parent_params["val_fraction"] == 0.1
+    assert prepared.data_metrics == {"test_queries_in_train": 0, "unparseable_targets": 0,
+                                     "skipped_unparseable_targets": 0}
