@@ -28,15 +28,25 @@ def score_fn_for(model: str) -> Callable[..., tuple[dict[str, float], list[dict[
     raise ValueError(f"no test scoring for model {model!r}")
 
 
-def _score_one(model: str, checkpoint_path: str, split_data: Any, cpus: float):
-    """Runs in a Ray task: fetch the checkpoint (local folder or cloud URI) and score it."""
+def _checkpoint(checkpoint_path: str, storage_path: str):
+    """A Train checkpoint from the path a trial reported. On cloud storage Train reports the
+    path without its scheme (`bucket/...`), so the filesystem comes from --storage."""
+    from pyarrow import fs
+    from ray.train import Checkpoint
+
+    if "://" in storage_path and "://" not in checkpoint_path:
+        return Checkpoint(checkpoint_path, filesystem=fs.FileSystem.from_uri(storage_path)[0])
+    return Checkpoint(checkpoint_path)
+
+
+def _score_one(model: str, checkpoint_path: str, storage_path: str, split_data: Any, cpus: float):
+    """Runs in a Ray task: fetch the checkpoint (local folder or cloud storage) and score it."""
     import ray
     import torch
-    from ray.train import Checkpoint
 
     torch.set_num_threads(max(1, int(cpus)))
     device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
-    with Checkpoint(checkpoint_path).as_directory() as directory:
+    with _checkpoint(checkpoint_path, storage_path).as_directory() as directory:
         return score_fn_for(model)(directory, split_data, device)
 
 
@@ -48,8 +58,8 @@ def describe(model: str, metrics: dict[str, float]) -> str:
     return ", ".join(parts) + f", distance {metrics['paper_distance']:.2f}, {int(metrics['eval_examples'])} examples"
 
 
-def score_trials_on_test(tracker: SearchTracker, model: str, split_data: Any, cpus_per_task: float,
-                         gpus_per_task: float) -> list[TrialRecord]:
+def score_trials_on_test(tracker: SearchTracker, model: str, split_data: Any, storage_path: str,
+                         cpus_per_task: float, gpus_per_task: float) -> list[TrialRecord]:
     """Score every trial that has a best checkpoint and no test figures yet (a resumed search
     skips those already scored); log `test_*` on each trial's run. Returns the trials scored."""
     import ray
@@ -61,7 +71,7 @@ def score_trials_on_test(tracker: SearchTracker, model: str, split_data: Any, cp
           "once each", flush=True)
     task = ray.remote(_score_one).options(num_cpus=cpus_per_task, num_gpus=gpus_per_task)
     data_ref = ray.put(split_data)
-    futures = {task.remote(model, r.checkpoint_path, data_ref, cpus_per_task): r for r in pending}
+    futures = {task.remote(model, r.checkpoint_path, storage_path, data_ref, cpus_per_task): r for r in pending}
     scored = []
     while futures:
         ready, _ = ray.wait(list(futures), num_returns=1)

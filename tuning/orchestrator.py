@@ -415,7 +415,7 @@ def execute(prepared: PreparedSearch) -> int:
     status, budget = "FAILED", None
     try:
         budget = driver.run_search(request)
-        holdout.score_trials_on_test(tracker, request.model, prepared.test_data,
+        holdout.score_trials_on_test(tracker, request.model, prepared.test_data, request.storage_path,
                                      request.cpus_per_worker, request.gpus_per_worker)
         status = "FAILED" if budget.exhausted else "FINISHED"
     except KeyboardInterrupt:
