@@ -9,6 +9,7 @@ still account for every trial.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -58,17 +59,25 @@ def _toolrag_loop(data_dir: Path, cache: Path, **overrides) -> dict:
     return {"trainer": ToolRAGConfig.model_validate(settings).model_dump(), "data": data, "data_fingerprint": "mn"}
 
 
-def _fit(loop: dict, workers: int, storage: Path, name: str, retries: int = 0):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+def _fit(loop: dict, workers: int, storage: Path, name: str, retries: int = 0, reports: Path | None = None):
+    """Fit a Train run; with `reports`, every report's figures are appended there as JSON lines
+    (Result.metrics holds only the last checkpoint's, i.e. the best epoch's)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
     from ray.train.torch import TorchTrainer
 
     from trainers.toolrag import train_fn_per_worker
+
+    class Recorder(UserCallback):  # runs in the Train controller
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(reports, "a") as out:
+                out.write(json.dumps({k: v for k, v in metrics[0].items() if isinstance(v, (int, float))}) + "\n")
 
     trainer = TorchTrainer(
         train_fn_per_worker, train_loop_config=loop,
         scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name=name, storage_path=str(storage), checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             failure_config=FailureConfig(max_failures=retries)),
+                             failure_config=FailureConfig(max_failures=retries),
+                             callbacks=[Recorder()] if reports else None),
     )
     return trainer.fit()
 
@@ -138,19 +147,25 @@ def test_two_workers_on_two_nodes_match_one_worker(cluster, small_data_dir, tmp_
 def test_a_lost_node_resumes_the_trial_from_its_last_checkpoint(cluster, small_data_dir, tmp_path):
     head_cluster, _ = cluster
     _add_a_spare_node(head_cluster)
-    loop = _toolrag_loop(small_data_dir, tmp_path / "cache", epochs=8)
+    # Enough epochs (about a second each) that the run is still training when the node goes:
+    # the node is removed only after the controller has registered a checkpoint.
+    loop = _toolrag_loop(small_data_dir, tmp_path / "cache", epochs=20)
     storage = tmp_path / "shared"
     outcome: dict = {}
-    runner = threading.Thread(target=lambda: outcome.update(result=_fit(loop, 1, storage, "node-loss", retries=2)))
+    reports = tmp_path / "reports.jsonl"
+    runner = threading.Thread(target=lambda: outcome.update(
+        result=_fit(loop, 1, storage, "node-loss", retries=2, reports=reports)))
     runner.start()
     _remove_the_training_node(head_cluster, storage)
     runner.join(timeout=300)
     result = outcome["result"]
     assert result.error is None
-    assert result.metrics["epoch"] == 8
+    epochs = [json.loads(line) for line in reports.read_text().splitlines()]
+    assert epochs[-1]["epoch"] == 20, "the run trained to its last epoch"
     # The restarted worker group read the checkpoint: it went on after that epoch.
-    assert result.metrics["resumed_from_epoch"] >= 1
-    print(f"\n[node-loss] the restarted worker group resumed after epoch {result.metrics['resumed_from_epoch']}")
+    resumed = [e for e in epochs if e["resumed_from_epoch"] >= 1]
+    assert resumed and resumed[0]["epoch"] == resumed[0]["resumed_from_epoch"] + 1
+    print(f"\n[node-loss] the restarted worker group resumed after epoch {resumed[0]['resumed_from_epoch']}")
 
 
 def _search_on(cluster_address: str, tmp_path: Path, epochs: int, num_samples: int, *flags: str):
