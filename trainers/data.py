@@ -232,19 +232,20 @@ def carve_validation(train: list[Example], fraction: float) -> tuple[list[Exampl
     """
     if not 0 < fraction < 1:
         raise ValueError(f"validation fraction must be between 0 and 1, got {fraction}")
-    groups: dict[str, list[Example]] = {}
-    for example in train:
-        groups.setdefault(normalize_query(example.query), []).append(example)
-    draws = {query: _unit_hash(min(e.key for e in members)) for query, members in groups.items()}
+    queries = [normalize_query(e.query) for e in train]
+    smallest_key: dict[str, str] = {}
+    for example, query in zip(train, queries):
+        smallest_key[query] = min(smallest_key.get(query, example.key), example.key)
+    draws = {query: _unit_hash(key) for query, key in smallest_key.items()}
     chosen = {query for query, draw in draws.items() if draw < fraction}
-    if len(groups) >= 2:
+    if len(draws) >= 2:
         ordered = sorted(draws, key=draws.__getitem__)
         if not chosen:
             chosen = {ordered[0]}
-        elif len(chosen) == len(groups):
+        elif len(chosen) == len(draws):
             chosen.discard(ordered[-1])
-    kept = [e for e in train if normalize_query(e.query) not in chosen]
-    validation = [e for e in train if normalize_query(e.query) in chosen]
+    kept = [e for e, query in zip(train, queries) if query not in chosen]
+    validation = [e for e, query in zip(train, queries) if query in chosen]
     return kept, validation
 
 
