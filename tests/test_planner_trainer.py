@@ -280,5 +280,9 @@ def test_two_workers_score_the_whole_validation_split_and_keep_one_adapter(ray_2
     test = _examples(dataset, "test", 100)
     scored, samples = score_checkpoint(str(checkpoints[0]), test)
     assert scored["eval_examples"] == 25, "test is scored on as many examples as validation (max_eval_examples)"
+    assert scored["prompts_cut"] == 0 and last["prompts_cut"] == 0  # compact prompts fit max_length 256
+    long_question = [{"messages": [["user", "Question: " + "remind me to call Sid " * 80]], "plan": test[0]["plan"]}]
+    cut, _ = score_checkpoint(str(checkpoints[0]), long_question * 2)
+    assert cut["prompts_cut"] == 2 and cut["eval_examples"] == 2, "prompts too long for max_length are counted"
     assert scored["paper_distance"] == pytest.approx(abs(scored["plan_success"] - 0.78) / 0.03)
     assert len(samples) == 3 and {s["target"] for s in samples} <= {e["plan"] + END_OF_PLAN for e in test[:25]}

@@ -227,10 +227,13 @@ def plan_metrics(sums: torch.Tensor) -> dict[str, float]:
 def evaluate(model, tokenizer, examples: list[dict[str, Any]], config: PlannerConfig, device, rank: int, world: int):
     """Generate and score this worker's slice of `examples`; returns (whole-set metrics, samples).
 
-    Samples are rank 0's first few (prompt question, generated plan, target, success).
+    Samples are rank 0's first few (prompt question, generated plan, target, success). The
+    metrics include `prompts_cut`: how many prompts lost their beginning to max_length.
     """
     mine = examples[rank::world]
-    prompts = [prompt_ids(tokenizer, e["messages"], config) for e in mine]
+    built = [prompt_token_ids(tokenizer, planner_messages(e["messages"], config.system_prompt),
+                              config.prompt_template, config.max_length, config.max_new_tokens) for e in mine]
+    prompts = [ids for ids, _ in built]
     unwrapped = unwrap(model)
     unwrapped.eval()
     predicted = generate_plans(unwrapped, tokenizer, prompts, config.max_new_tokens, config.eval_batch_size,
@@ -238,10 +241,11 @@ def evaluate(model, tokenizer, examples: list[dict[str, Any]], config: PlannerCo
     unwrapped.train()
     targets = [e["plan"] for e in mine]
     sums = all_reduce_sum(score_plans(predicted, targets).to(device)).cpu()
+    prompts_cut = all_reduce_sum(torch.tensor([float(sum(cut for _, cut in built))], device=device)).item()
     samples = [{"question": next((c for r, c in e["messages"] if r == "user"), ""), "generated": text,
                 "target": e["plan"] + END_OF_PLAN, "plan_success": plan_success(text, e["plan"])}
                for e, text in list(zip(mine, predicted))[: config.sample_plans]]
-    return plan_metrics(sums), samples
+    return {**plan_metrics(sums), "prompts_cut": prompts_cut}, samples
 
 
 def lora_state(model) -> dict[str, torch.Tensor]:
@@ -416,7 +420,4 @@ def score_checkpoint(directory: str, examples: list[dict[str, Any]], device: tor
     metrics, samples = evaluate(model, tokenizer, examples[:limit], config, device, rank=0, world=1)
     target = {config.paper_target: config.targets[config.paper_target].model_dump()}
     metrics["paper_distance"] = paper_distance({config.paper_target: metrics["plan_success"]}, target)
-    metrics["prompts_cut"] = float(sum(prompt_token_ids(
-        tokenizer, planner_messages(e["messages"], config.system_prompt), config.prompt_template, config.max_length,
-        config.max_new_tokens)[1] for e in examples[:limit]))
     return metrics, samples

@@ -30,7 +30,8 @@ CHECKPOINT_TAG = "checkpoint_path"
 # and logged under TEST_PREFIX.
 EPOCH_METRIC_PREFIXES = ("tool_", "paper_distance", "best_paper_distance", "train_loss", "recall/",
                          "padding_waste", "cpu_seconds", "gpu_seconds", "plan_", "strict_plan_", "empty_output_rate",
-                         "eval_examples", "full_validation_set", "resumed_from_epoch", "examples_over_max_length")
+                         "eval_examples", "full_validation_set", "resumed_from_epoch", "examples_over_max_length",
+                         "prompts_cut")
 TEST_PREFIX = "test_"
 # Set on a trial's run when scoring its checkpoint on the test split raised.
 TEST_ERROR_TAG = "test_error"
