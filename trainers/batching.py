@@ -1,15 +1,10 @@
-"""Pieces both trainers' workers share: packed token storage, length-grouped batches that
-keep DDP ranks in step, cross-worker sums, bf16 autocast on GPUs only, and the optimiser
-state a checkpoint carries so a restarted worker group goes on from it."""
+"""Pieces both transformer trainers' workers share: packed token storage, length-grouped
+batches that keep DDP ranks in step, cross-worker sums, and bf16 autocast on GPUs only. (The
+epoch loop itself, with seeding and resuming, is trainers/epoch_loop.py.)"""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Callable
-
 import torch
-
-TRAINER_STATE_FILE = "trainer_state.pt"
 
 
 def pack_sequences(sequences: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -39,18 +34,6 @@ def length_grouped_batches(lengths: list[int], batch_size: int, epoch: int, seed
         window = sorted(mine[start : start + batch_size * group], key=lengths.__getitem__)
         batches += [window[i : i + batch_size] for i in range(0, len(window), batch_size)]
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch: weight init, LoRA init and dropout follow `seed`. (Data
-    order follows it too, through `length_grouped_batches`' own generator.)"""
-    import random
-
-    import numpy
-
-    random.seed(seed)
-    numpy.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -108,56 +91,3 @@ def uses_bf16(device: torch.device, enabled: bool) -> bool:
 
 def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=uses_bf16(device, enabled))
-
-
-def save_trainer_state(directory: str, epoch: int, optimizer, scheduler, **extra: Any) -> None:
-    """What resuming needs beyond the weights: the epoch, optimiser and schedule, trainer extras."""
-    torch.save({"epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **extra},
-               Path(directory) / TRAINER_STATE_FILE)
-
-
-def load_trainer_state(directory: str) -> dict[str, Any] | None:
-    path = Path(directory) / TRAINER_STATE_FILE
-    return torch.load(path, weights_only=True) if path.exists() else None
-
-
-def from_last_checkpoint(load_model: Callable[[str], torch.nn.Module]):
-    """(model, trainer state, checkpoint) from the run's last checkpoint, or (None, None, None).
-
-    Train hands a worker group the last registered checkpoint when it restarts it (a lost node)
-    and when a resumed search fits the trial's run again. A checkpoint without trainer state
-    cannot be resumed: the trainer then starts over.
-    """
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None, None, None
-    with checkpoint.as_directory() as directory:
-        state = load_trainer_state(directory)
-        return (load_model(directory) if state else None), state, checkpoint
-
-
-def first_epoch(state: dict[str, Any] | None, optimizer, scheduler) -> int:
-    """The epoch to train first: 1, or the one after the checkpoint's, with its optimiser and
-    schedule restored."""
-    if state is None:
-        return 1
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    return state["epoch"] + 1
-
-
-def report_again_if_ended(state: dict[str, Any] | None, checkpoint, epochs: int) -> bool:
-    """Whether the run being resumed had already trained its last epoch; if so, report that
-    epoch's metrics (kept in the trainer state) again, with the checkpoint's path.
-
-    That happens when the search's driver stopped after the last checkpoint was registered but
-    before the report reached it: without this the resumed trial would end with no result.
-    """
-    if state is None or state["epoch"] < epochs or "metrics" not in state:
-        return False
-    import ray.train
-
-    ray.train.report({**state["metrics"], "resumed_from_epoch": state["epoch"], "checkpoint_path": checkpoint.path})
-    return True

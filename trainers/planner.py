@@ -18,18 +18,15 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import tempfile
-import time
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from trainers.batching import (
-    PaddedBatches, all_reduce_sum, autocast, first_epoch, from_last_checkpoint, length_grouped_batches,
-    pack_sequences, report_again_if_ended, save_trainer_state, seed_everything, unwrap,
-)
+from trainers import metric_names as names
+from trainers.batching import PaddedBatches, all_reduce_sum, autocast, length_grouped_batches, pack_sequences, unwrap
+from trainers.epoch_loop import EpochCost, EpochTrainer, Evaluation, adamw_with_warmup, run_epochs, steps_per_epoch
 from trainers.evaluation import paper_distance, wilson_interval
 from trainers.planner_base import compact_system_prompt
 from trainers.planner_prompts import IGNORE_INDEX, PLANNER_TEMPLATES, encode_example, prompt_token_ids
@@ -278,6 +275,119 @@ def load_checkpoint(directory: str, trainable: bool = False):
     return PeftModel.from_pretrained(base, directory, is_trainable=trainable), load_tokenizer(directory), config
 
 
+class PlannerTrainer(EpochTrainer):
+    """The planner's part of the epoch loop (trainers/epoch_loop.py): LoRA steps with gradient
+    accumulation, generation on a validation subset per epoch, and the whole validation split
+    scored with the best epoch's adapter after the last."""
+
+    def __init__(self, config: PlannerConfig):
+        super().__init__(config)
+        self.targets = {config.paper_target: config.targets[config.paper_target].model_dump()}
+        self.best_distance, self.best_state, self.best_key = math.inf, None, None
+
+    def prepare_data(self, fetch, data_fingerprint: str) -> None:
+        config = self.config
+        data = fetch()
+        self.val_examples = data["val"][: config.max_eval_examples]
+        self.subset = self.val_examples[: config.eval_subset_size]
+        self.tokenizer = load_tokenizer(config.model_path)
+        self.train_split = encode_train_split(self.tokenizer, data["train"][: config.max_train_examples], config)
+        self.collate = CausalLMBatches(self.train_split, self.tokenizer.pad_token_id)
+        offsets = self.train_split["offsets"]
+        self.lengths = (offsets[1:] - offsets[:-1]).tolist()
+
+    def load_model(self, directory: str):
+        return load_checkpoint(directory, trainable=True)[0]
+
+    def build(self, resumed_model) -> None:
+        import ray.train.torch
+
+        config = self.config
+        self.model = ray.train.torch.prepare_model(resumed_model or build_lora_model(config))
+        self.per_worker_batch = max(1, config.batch_size // self.world)
+        self.micro = min(config.micro_batch_size, self.per_worker_batch)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        steps = steps_per_epoch(len(self.lengths), self.world, self.per_worker_batch)
+        self.optimizer, self.scheduler = adamw_with_warmup(self.trainable, config.learning_rate,
+                                                           config.weight_decay, config.warmup_ratio,
+                                                           steps * config.epochs)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        # The checkpoint is the best epoch so far: its adapter is the best state.
+        self.best_distance, self.best_key = state["best_distance"], tuple(state["best_key"])
+        self.best_state = lora_state(self.model)
+
+    def train_epoch(self, epoch: int) -> EpochCost:
+        model, cost = self.model, EpochCost()
+        self.collate.pad_tokens = self.collate.total_tokens = 0
+        for indices in length_grouped_batches(self.lengths, self.per_worker_batch, epoch, self.config.seed,
+                                              self.rank, self.world):
+            self.optimizer.zero_grad(set_to_none=True)
+            chunks = [indices[i : i + self.micro] for i in range(0, len(indices), self.micro)]
+            for position, chunk in enumerate(chunks):
+                batch = {k: v.to(self.device) for k, v in self.collate(chunk).items()}
+                # Only the last micro-batch of a step all-reduces gradients across workers.
+                last = position == len(chunks) - 1
+                sync = model.no_sync() if (self.world > 1 and not last) else contextlib.nullcontext()
+                with sync, autocast(self.device, self.config.bf16):
+                    loss = model(**batch).loss
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch}, step {cost.steps}")
+                (loss * len(chunk) / len(indices)).backward()
+                cost.loss_total += loss.item() * len(chunk) / len(indices)
+            if self.config.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            cost.steps += 1
+        cost.pad_tokens, cost.total_tokens = self.collate.pad_tokens, self.collate.total_tokens
+        return cost
+
+    def _distance(self, metrics: dict[str, float]) -> float:
+        return paper_distance({self.config.paper_target: metrics[names.PLAN_SUCCESS]}, self.targets)
+
+    def evaluate(self, epoch: int) -> Evaluation:
+        config = self.config
+        metrics, samples = evaluate(self.model, self.tokenizer, self.subset, config, self.device, self.rank,
+                                    self.world)
+        distance = self._distance(metrics)
+        # Ties (common while nothing succeeds yet) go to the later epoch with more valid plans.
+        rank_key = (distance, -metrics[names.TOOL_SET_ACCURACY], -metrics[names.PLAN_PARSE_RATE])
+        improved = self.best_state is None or rank_key <= self.best_key
+        if improved:
+            self.best_key, self.best_distance, self.best_state = rank_key, distance, lora_state(self.model)
+        full_validation_set = epoch == config.epochs
+        if full_validation_set:  # the trial's figure: the best epoch's adapter on all of validation
+            if not improved:
+                _restore_lora_state(self.model, self.best_state)
+            metrics, samples = evaluate(self.model, self.tokenizer, self.val_examples, config, self.device,
+                                        self.rank, self.world)
+            distance = self.best_distance = self._distance(metrics)
+            self.best_key = (distance, -metrics[names.TOOL_SET_ACCURACY], -metrics[names.PLAN_PARSE_RATE])
+        metrics.update({
+            names.FULL_VALIDATION_SET: float(full_validation_set),
+            names.PAPER_DISTANCE: distance,
+            names.BEST_PAPER_DISTANCE: self.best_distance,
+            # ASHA's signal: the best distance, ties broken by tool-set accuracy and parse rate.
+            # Early on every trial scores 0 successes on the subset, and a flat signal would make
+            # early stopping a coin toss; the tie-break moves the distance by 0.002 at most, less
+            # than one success on the subset does.
+            names.BEST_EARLY_STOP_SCORE: self.best_key[0] + 1e-3 * (self.best_key[1] + self.best_key[2]),
+            names.SAMPLE_PLANS: json.dumps(samples, indent=1),
+        })
+        return Evaluation(metrics, improved)
+
+    def epoch_figures(self) -> dict[str, float]:
+        return {names.EXAMPLES_OVER_MAX_LENGTH: float(self.train_split["over_max_length"]),
+                names.MEAN_INPUT_TOKENS: self.train_split["flat"].numel() / max(len(self.collate), 1)}
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"best_distance": self.best_distance, "best_key": list(self.best_key)}
+
+    def save(self, directory: str) -> None:
+        _save_checkpoint(self.model, self.tokenizer, self.config, directory)
+
+
 def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     """Train one planner configuration; runs on every Ray Train worker.
 
@@ -288,123 +398,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     paper_distance, best_paper_distance, train_loss and cost figures, and `sample_plans` as
     JSON text.
     """
-    import ray
-    import ray.train
-    import ray.train.torch
-    from transformers import get_linear_schedule_with_warmup
-
-    started = time.perf_counter()
-    cpu_started = time.process_time()
-    config = PlannerConfig.model_validate(loop_config["trainer"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    # Ray does not set torch's thread count in Train workers; two trials on two cores would
-    # otherwise run four threads.
-    assigned_cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-    torch.set_num_threads(max(1, int(assigned_cpus)))
-    seed_everything(config.seed)
-
-    data = loop_config["data"]
-    if isinstance(data, ray.ObjectRef):
-        data = ray.get(data)
-    train_examples = data["train"][: config.max_train_examples]
-    val_examples = data["val"][: config.max_eval_examples]
-    subset = val_examples[: config.eval_subset_size]
-    tokenizer = load_tokenizer(config.model_path)
-    train_split = encode_train_split(tokenizer, train_examples, config)
-    data_prep_seconds = time.perf_counter() - started
-
-    resumed_model, state, resumed = from_last_checkpoint(
-        lambda directory: load_checkpoint(directory, trainable=True)[0])
-    if report_again_if_ended(state, resumed, config.epochs):
-        return
-    model = ray.train.torch.prepare_model(resumed_model or build_lora_model(config))
-    collate = CausalLMBatches(train_split, tokenizer.pad_token_id)
-    per_worker_batch = max(1, config.batch_size // world)
-    micro = min(config.micro_batch_size, per_worker_batch)
-    lengths = (train_split["offsets"][1:] - train_split["offsets"][:-1]).tolist()
-    steps_per_epoch = math.ceil(math.ceil(len(lengths) / world) / per_worker_batch)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
-    total_steps = max(1, steps_per_epoch * config.epochs)
-    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
-    targets = {config.paper_target: config.targets[config.paper_target].model_dump()}
-    best_distance, best_state, best_key = math.inf, None, None
-    start_epoch = first_epoch(state, optimizer, scheduler)
-    if state is not None:  # the checkpoint is the best epoch so far: its adapter is the best state
-        best_distance, best_key, best_state = state["best_distance"], tuple(state["best_key"]), lora_state(model)
-
-    for epoch in range(start_epoch, config.epochs + 1):
-        loss_total, steps = 0.0, 0
-        collate.pad_tokens = collate.total_tokens = 0
-        for indices in length_grouped_batches(lengths, per_worker_batch, epoch, config.seed, rank, world):
-            optimizer.zero_grad(set_to_none=True)
-            chunks = [indices[i : i + micro] for i in range(0, len(indices), micro)]
-            for position, chunk in enumerate(chunks):
-                batch = {k: v.to(device) for k, v in collate(chunk).items()}
-                # Only the last micro-batch of a step all-reduces gradients across workers.
-                last = position == len(chunks) - 1
-                sync = model.no_sync() if (world > 1 and not last) else contextlib.nullcontext()
-                with sync, autocast(device, config.bf16):
-                    loss = model(**batch).loss
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch}, step {steps}")
-                (loss * len(chunk) / len(indices)).backward()
-                loss_total += loss.item() * len(chunk) / len(indices)
-            if config.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            steps += 1
-
-        metrics, samples = evaluate(model, tokenizer, subset, config, device, rank, world)
-        distance = paper_distance({config.paper_target: metrics["plan_success"]}, targets)
-        # Ties (common while nothing succeeds yet) go to the later epoch with more valid plans.
-        rank_key = (distance, -metrics["tool_set_accuracy"], -metrics["plan_parse_rate"])
-        improved = best_state is None or rank_key <= best_key
-        if improved:
-            best_key, best_distance, best_state = rank_key, distance, lora_state(model)
-        full_validation_set = epoch == config.epochs
-        if full_validation_set:  # the trial's figure: the best epoch's adapter on all of validation
-            if not improved:
-                _restore_lora_state(model, best_state)
-            metrics, samples = evaluate(model, tokenizer, val_examples, config, device, rank, world)
-            distance = best_distance = paper_distance({config.paper_target: metrics["plan_success"]}, targets)
-            best_key = (distance, -metrics["tool_set_accuracy"], -metrics["plan_parse_rate"])
-        cost = all_reduce_sum(torch.tensor(
-            [time.process_time() - cpu_started, collate.pad_tokens, collate.total_tokens, loss_total, steps],
-            dtype=torch.float64, device=device)).cpu().tolist()
-        metrics.update(
-            epoch=epoch,
-            full_validation_set=float(full_validation_set),
-            examples_over_max_length=float(train_split["over_max_length"]),
-            paper_distance=distance,
-            best_paper_distance=best_distance,
-            # ASHA's signal: the best distance, ties broken by tool-set accuracy and parse rate.
-            # Early on every trial scores 0 successes on the subset, and a flat signal would make
-            # early stopping a coin toss; the tie-break moves the distance by 0.002 at most, less
-            # than one success on the subset does.
-            best_early_stop_score=best_key[0] + 1e-3 * (best_key[1] + best_key[2]),
-            train_loss=cost[3] / max(cost[4], 1),
-            cpu_seconds=cost[0],
-            gpu_seconds=(time.perf_counter() - started) * world if device.type == "cuda" else 0.0,
-            padding_waste=cost[1] / max(cost[2], 1),
-            mean_input_tokens=train_split["flat"].numel() / max(len(collate), 1),
-            data_prep_seconds=data_prep_seconds,
-            train_fn_seconds=time.perf_counter() - started,
-            world_size=world,
-            sample_plans=json.dumps(samples, indent=1),
-            resumed_from_epoch=state["epoch"] if state else 0,
-        )
-        if improved and rank == 0:
-            with tempfile.TemporaryDirectory() as directory:
-                _save_checkpoint(model, tokenizer, config, directory)
-                save_trainer_state(directory, epoch, optimizer, scheduler, best_distance=best_distance,
-                                   best_key=list(best_key), metrics=metrics)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-        else:
-            ray.train.report(metrics)
+    run_epochs(PlannerTrainer(PlannerConfig.model_validate(loop_config["trainer"])), loop_config)
 
 
 def score_checkpoint(directory: str, examples: list[dict[str, Any]], device: torch.device | None = None,

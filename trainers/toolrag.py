@@ -16,17 +16,17 @@ import hashlib
 import math
 import os
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from trainers import metric_names as names
 from trainers.batching import (
-    PaddedBatches, all_reduce_sum, autocast, first_epoch, from_last_checkpoint, length_grouped_batches,
-    pack_sequences, report_again_if_ended, save_trainer_state, seed_everything, unwrap,
+    PaddedBatches, all_reduce_sum, autocast, length_grouped_batches, pack_sequences, unwrap,
 )
+from trainers.epoch_loop import EpochCost, EpochTrainer, Evaluation, adamw_with_warmup, run_epochs, steps_per_epoch
 from trainers.evaluation import ToolRetrievalCounts, paper_distance
 from trainers.models import config_from_dict
 from trainers.tools import NUM_TOOLS, TOOL_NAMES
@@ -219,114 +219,97 @@ def _save_checkpoint(model, tokenizer, config: ToolRAGConfig, directory: str) ->
     Path(directory, "toolrag.json").write_text(config.model_dump_json(indent=2))
 
 
+class ToolRAGTrainer(EpochTrainer):
+    """The transformer ToolRAG's part of the epoch loop (trainers/epoch_loop.py)."""
+
+    def __init__(self, config: ToolRAGConfig):
+        super().__init__(config)
+        self.targets = {name: target.model_dump() for name, target in config.targets.items()}
+        self.best_distance = math.inf
+        self.checkpoint_tokenizer = None
+
+    def prepare_data(self, fetch, data_fingerprint: str) -> None:
+        # On a cache hit the raw queries are not even fetched from the object store.
+        encoded = load_cached_tokens(self.config, data_fingerprint)
+        self.encoded = encoded if encoded is not None else tokenize_splits(self.config, fetch(), data_fingerprint)
+        self.pad_id = int(self.encoded["pad_id"])
+        self.collate = PaddedBatches(self.encoded["train"], self.pad_id)
+        offsets = self.encoded["train"]["offsets"]
+        self.lengths = (offsets[1:] - offsets[:-1]).tolist()
+
+    def load_model(self, directory: str):
+        return load_checkpoint(directory)[0]
+
+    def build(self, resumed_model) -> None:
+        import ray.train.torch
+
+        config = self.config
+        self.model = ray.train.torch.prepare_model(resumed_model or build_classifier(config))
+        self.per_worker_batch = max(1, config.batch_size // self.world)
+        steps = steps_per_epoch(len(self.lengths), self.world, self.per_worker_batch)
+        self.optimizer, self.scheduler = adamw_with_warmup(self.model.parameters(), config.learning_rate,
+                                                           config.weight_decay, config.warmup_ratio,
+                                                           steps * config.epochs)
+        self.loss_fn = torch.nn.BCEWithLogitsLoss(
+            pos_weight=torch.full((NUM_TOOLS,), config.pos_weight, device=self.device))
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.best_distance = state["best_distance"]
+
+    def train_epoch(self, epoch: int) -> EpochCost:
+        cost = EpochCost()
+        self.collate.pad_tokens = self.collate.total_tokens = 0
+        for indices in length_grouped_batches(self.lengths, self.per_worker_batch, epoch, self.config.seed,
+                                              self.rank, self.world):
+            batch = self.collate(indices)
+            with autocast(self.device, self.config.bf16):
+                logits = self.model(input_ids=batch["input_ids"].to(self.device),
+                                    attention_mask=batch["attention_mask"].to(self.device)).logits
+            loss = self.loss_fn(logits.float(), batch["labels"].to(self.device))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch}, batch {cost.steps}")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            cost.loss_total += loss.item()
+            cost.steps += 1
+        cost.pad_tokens, cost.total_tokens = self.collate.pad_tokens, self.collate.total_tokens
+        return cost
+
+    def evaluate(self, epoch: int) -> Evaluation:
+        metrics = _evaluate(self.model, self.encoded["val"], self.pad_id, self.config, self.device, self.rank,
+                            self.world)
+        metrics[names.PAPER_DISTANCE] = paper_distance(metrics, self.targets)
+        improved = metrics[names.PAPER_DISTANCE] < self.best_distance
+        self.best_distance = min(self.best_distance, metrics[names.PAPER_DISTANCE])
+        metrics[names.BEST_PAPER_DISTANCE] = self.best_distance
+        return Evaluation(metrics, improved)
+
+    def epoch_figures(self) -> dict[str, float]:
+        return {names.MEAN_INPUT_TOKENS: self.encoded["train"]["flat"].numel() / max(len(self.collate), 1)}
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"best_distance": self.best_distance}
+
+    def save(self, directory: str) -> None:
+        if self.checkpoint_tokenizer is None:  # loaded once, and only by the rank that saves
+            from transformers import AutoTokenizer
+
+            self.checkpoint_tokenizer = AutoTokenizer.from_pretrained(self.config.model_path)
+        _save_checkpoint(self.model, self.checkpoint_tokenizer, self.config, directory)
+
+
 def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     """Train one ToolRAG configuration; runs on every Ray Train worker.
 
     loop_config: {"trainer": ToolRAGConfig fields, "data": ObjectRef or dict of
     {"train"/"val": {"queries": [...], "labels": [[16 floats]]}}, "data_fingerprint": str}.
     Reports per epoch, on the validation split: tool_recall, tool_count (with 95% CIs),
-    precision, per-tool recall,
-    paper_distance, best_paper_distance and cost figures; rank 0 attaches a checkpoint when
-    the epoch is the best so far.
+    precision, per-tool recall, paper_distance, best_paper_distance and cost figures; rank 0
+    attaches a checkpoint when the epoch is the best so far.
     """
-    import ray
-    import ray.train
-    import ray.train.torch
-    from transformers import get_linear_schedule_with_warmup
-
-    started = time.perf_counter()
-    cpu_started = time.process_time()
-    config = ToolRAGConfig.model_validate(loop_config["trainer"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    # Ray does not set OMP threads for Train workers: left alone, torch starts one thread per
-    # core in every worker, and two trials on two cores fight over four threads.
-    assigned_cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-    torch.set_num_threads(max(1, int(assigned_cpus)))
-    seed_everything(config.seed)
-
-    # On a cache hit the raw queries are not even fetched from the object store.
-    encoded = load_cached_tokens(config, loop_config["data_fingerprint"])
-    if encoded is None:
-        data = loop_config["data"]
-        if isinstance(data, ray.ObjectRef):
-            data = ray.get(data)
-        encoded = tokenize_splits(config, data, loop_config["data_fingerprint"])
-    pad_id = int(encoded["pad_id"])
-    data_prep_seconds = time.perf_counter() - started
-
-    resumed_model, state, resumed = from_last_checkpoint(lambda directory: load_checkpoint(directory)[0])
-    if report_again_if_ended(state, resumed, config.epochs):
-        return
-    model = ray.train.torch.prepare_model(resumed_model or build_classifier(config))
-    train_split = encoded["train"]
-    collate = PaddedBatches(train_split, pad_id)
-    per_worker_batch = max(1, config.batch_size // world)
-    lengths = (train_split["offsets"][1:] - train_split["offsets"][:-1]).tolist()
-    # Each worker gets ceil(n / world) inputs (see length_grouped_batches), cut into batches.
-    steps_per_epoch = math.ceil(math.ceil(len(lengths) / world) / per_worker_batch)
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    total_steps = max(1, steps_per_epoch * config.epochs)
-    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
-    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.full((NUM_TOOLS,), config.pos_weight, device=device))
-    targets = {name: target.model_dump() for name, target in config.targets.items()}
-    best_distance = math.inf
-    checkpoint_tokenizer = None
-    start_epoch = first_epoch(state, optimizer, scheduler)
-    if state is not None:
-        best_distance = state["best_distance"]
-
-    for epoch in range(start_epoch, config.epochs + 1):
-        loss_total, batches = 0.0, 0
-        collate.pad_tokens = collate.total_tokens = 0
-        for indices in length_grouped_batches(lengths, per_worker_batch, epoch, config.seed, rank, world):
-            batch = collate(indices)
-            with autocast(device, config.bf16):
-                logits = model(input_ids=batch["input_ids"].to(device),
-                               attention_mask=batch["attention_mask"].to(device)).logits
-            loss = loss_fn(logits.float(), batch["labels"].to(device))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch}, batch {batches}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss_total += loss.item()
-            batches += 1
-
-        metrics = _evaluate(model, encoded["val"], pad_id, config, device, rank, world)
-        metrics["paper_distance"] = paper_distance(metrics, targets)
-        improved = metrics["paper_distance"] < best_distance
-        best_distance = min(best_distance, metrics["paper_distance"])
-        cost = all_reduce_sum(torch.tensor(
-            [time.process_time() - cpu_started, collate.pad_tokens, collate.total_tokens, loss_total, batches],
-            dtype=torch.float64, device=device)).cpu().tolist()
-        metrics.update(
-            epoch=epoch,
-            best_paper_distance=best_distance,
-            train_loss=cost[3] / max(cost[4], 1),
-            cpu_seconds=cost[0],
-            gpu_seconds=(time.perf_counter() - started) * world if device.type == "cuda" else 0.0,
-            padding_waste=cost[1] / max(cost[2], 1),
-            mean_input_tokens=train_split["flat"].numel() / max(len(collate), 1),
-            data_prep_seconds=data_prep_seconds,
-            train_fn_seconds=time.perf_counter() - started,
-            world_size=world,
-            resumed_from_epoch=state["epoch"] if state else 0,
-        )
-        if improved and rank == 0:
-            if checkpoint_tokenizer is None:  # loaded once, and only by the rank that saves
-                from transformers import AutoTokenizer
-
-                checkpoint_tokenizer = AutoTokenizer.from_pretrained(config.model_path)
-            with tempfile.TemporaryDirectory() as directory:
-                _save_checkpoint(model, checkpoint_tokenizer, config, directory)
-                save_trainer_state(directory, epoch, optimizer, scheduler, best_distance=best_distance, metrics=metrics)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-        else:
-            ray.train.report(metrics)
+    run_epochs(ToolRAGTrainer(ToolRAGConfig.model_validate(loop_config["trainer"])), loop_config)
 
 
 def score_checkpoint(directory: str, split: dict[str, list], device: torch.device | None = None,
@@ -344,5 +327,5 @@ def score_checkpoint(directory: str, split: dict[str, list], device: torch.devic
     limit = max_examples if max_examples is not None else config.max_eval_examples
     encoded = _encode(tokenizer, split, config, limit)
     metrics = _evaluate(model, encoded, int(tokenizer.pad_token_id or 0), config, device, rank=0, world=1)
-    metrics["paper_distance"] = paper_distance(metrics, {k: t.model_dump() for k, t in config.targets.items()})
+    metrics[names.PAPER_DISTANCE] = paper_distance(metrics, {k: t.model_dump() for k, t in config.targets.items()})
     return metrics, []

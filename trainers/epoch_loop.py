@@ -1,0 +1,249 @@
+"""The epoch loop every trainer runs on its Ray Train workers.
+
+A trainer supplies what differs between models (an `EpochTrainer`: build, train one epoch,
+evaluate); `run_epochs` does what they share:
+- threads and seeding;
+- resuming from the run's last checkpoint (a restarted worker group, a resumed search);
+- cost accounting summed over workers;
+- the per-epoch report, with a checkpoint attached when the epoch is the best so far.
+
+It knows Ray Train (context, report, checkpoint) but nothing of Tune.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from trainers import metric_names as names
+from trainers.batching import all_reduce_sum
+
+TRAINER_STATE_FILE = "trainer_state.pt"
+
+
+@dataclass
+class EpochCost:
+    """What one worker spent on one epoch of training."""
+
+    loss_total: float = 0.0
+    steps: int = 0
+    pad_tokens: int = 0
+    total_tokens: int = 0
+
+
+@dataclass
+class Evaluation:
+    """One epoch's validation figures, with `paper_distance` and `best_paper_distance`; whether
+    the epoch is the best so far (then it is checkpointed)."""
+
+    metrics: dict[str, Any]
+    improved: bool
+
+
+class EpochTrainer:
+    """What a model supplies to `run_epochs`. The worker's rank, world size and device are set
+    before any hook runs; `optimizer` and `scheduler` (left None by a model fitted in one pass)
+    are checkpointed and restored by the loop."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    optimizer: Any = None
+    scheduler: Any = None
+
+    def __init__(self, config):
+        self.config = config  # needs `epochs` and `seed`
+
+    def prepare_data(self, fetch: Callable[[], dict[str, Any]], data_fingerprint: str) -> None:
+        """Make the train and validation splits ready; `fetch()` returns them raw."""
+        raise NotImplementedError
+
+    def load_model(self, directory: str):
+        """The trained model in a checkpoint folder, ready to train on."""
+        raise NotImplementedError
+
+    def build(self, resumed_model) -> None:
+        """Build the model (or take the resumed one), the optimiser and the schedule."""
+        raise NotImplementedError
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take back what `checkpoint_state` saved (the best epoch so far)."""
+
+    def train_epoch(self, epoch: int) -> EpochCost:
+        raise NotImplementedError
+
+    def evaluate(self, epoch: int) -> Evaluation:
+        raise NotImplementedError
+
+    def epoch_figures(self) -> dict[str, float]:
+        """Figures of the training inputs reported with every epoch."""
+        return {}
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Extras a resumed run needs beyond the weights and the optimiser."""
+        return {}
+
+    def save(self, directory: str) -> None:
+        """Write the model and its config into a checkpoint folder (rank 0 only)."""
+        raise NotImplementedError
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch: weight init, LoRA init and dropout follow `seed`. (Data
+    order follows it too, through `length_grouped_batches`' own generator.)"""
+    import random
+
+    import numpy
+
+    random.seed(seed)
+    numpy.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def save_trainer_state(directory: str, epoch: int, optimizer, scheduler, **extra: Any) -> None:
+    """What resuming needs beyond the weights: the epoch, optimiser and schedule, trainer extras."""
+    state = {"epoch": epoch, **extra}
+    if optimizer is not None:
+        state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
+    torch.save(state, Path(directory) / TRAINER_STATE_FILE)
+
+
+def load_trainer_state(directory: str) -> dict[str, Any] | None:
+    path = Path(directory) / TRAINER_STATE_FILE
+    return torch.load(path, weights_only=True) if path.exists() else None
+
+
+def from_last_checkpoint(load_model: Callable[[str], Any]):
+    """(model, trainer state, checkpoint) from the run's last checkpoint, or (None, None, None).
+
+    Train hands a worker group the last registered checkpoint when it restarts it (a lost node)
+    and when a resumed search fits the trial's run again. A checkpoint without trainer state
+    cannot be resumed: the trainer then starts over.
+    """
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None, None, None
+    with checkpoint.as_directory() as directory:
+        state = load_trainer_state(directory)
+        return (load_model(directory) if state else None), state, checkpoint
+
+
+def first_epoch(state: dict[str, Any] | None, optimizer, scheduler) -> int:
+    """The epoch to train first: 1, or the one after the checkpoint's, with its optimiser and
+    schedule restored."""
+    if state is None:
+        return 1
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    return state["epoch"] + 1
+
+
+def report_again_if_ended(state: dict[str, Any] | None, checkpoint, epochs: int) -> bool:
+    """Whether the run being resumed had already trained its last epoch; if so, report that
+    epoch's metrics (kept in the trainer state) again, with the checkpoint's path.
+
+    That happens when the search's driver stopped after the last checkpoint was registered but
+    before the report reached it: without this the resumed trial would end with no result.
+    """
+    if state is None or state["epoch"] < epochs or "metrics" not in state:
+        return False
+    import ray.train
+
+    ray.train.report({**state["metrics"], names.RESUMED_FROM_EPOCH: state["epoch"],
+                      names.CHECKPOINT_PATH: checkpoint.path})
+    return True
+
+
+def _fetch(data):
+    import ray
+
+    return ray.get(data) if isinstance(data, ray.ObjectRef) else data
+
+
+def run_epochs(trainer: EpochTrainer, loop_config: dict[str, Any]) -> None:
+    """Train `trainer` for its config's epochs on this Ray Train worker, reporting each epoch.
+
+    loop_config: {"trainer": config fields, "data": ObjectRef or dict of {"train", "val"},
+    "data_fingerprint": str}. Every report carries the validation figures `evaluate` returns
+    plus the shared cost figures, summed over workers.
+    """
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    started = time.perf_counter()
+    cpu_started = time.process_time()
+    context = ray.train.get_context()
+    trainer.rank, trainer.world = context.get_world_rank(), context.get_world_size()
+    trainer.device = ray.train.torch.get_device()
+    # Ray does not set torch's thread count in Train workers: left alone, torch starts one
+    # thread per core in every worker, and two trials on two cores fight over four threads.
+    assigned_cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    torch.set_num_threads(max(1, int(assigned_cpus)))
+    seed_everything(trainer.config.seed)
+
+    trainer.prepare_data(lambda: _fetch(loop_config["data"]), loop_config["data_fingerprint"])
+    data_prep_seconds = time.perf_counter() - started
+
+    resumed_model, state, resumed = from_last_checkpoint(trainer.load_model)
+    if report_again_if_ended(state, resumed, trainer.config.epochs):
+        return
+    trainer.build(resumed_model)
+    start = first_epoch(state, trainer.optimizer, trainer.scheduler)
+    if state is not None:
+        trainer.restore(state)
+
+    for epoch in range(start, trainer.config.epochs + 1):
+        cost = trainer.train_epoch(epoch)
+        evaluation = trainer.evaluate(epoch)
+        summed = all_reduce_sum(torch.tensor(
+            [time.process_time() - cpu_started, cost.pad_tokens, cost.total_tokens, cost.loss_total, cost.steps],
+            dtype=torch.float64, device=trainer.device)).cpu().tolist()
+        metrics = evaluation.metrics
+        metrics.update(trainer.epoch_figures())
+        metrics.update({
+            names.EPOCH: epoch,
+            names.TRAIN_LOSS: summed[3] / max(summed[4], 1),
+            names.CPU_SECONDS: summed[0],
+            names.GPU_SECONDS: (time.perf_counter() - started) * trainer.world if trainer.device.type == "cuda" else 0.0,
+            names.PADDING_WASTE: summed[1] / max(summed[2], 1),
+            names.DATA_PREP_SECONDS: data_prep_seconds,
+            names.TRAIN_FN_SECONDS: time.perf_counter() - started,
+            names.WORLD_SIZE: trainer.world,
+            names.RESUMED_FROM_EPOCH: state["epoch"] if state else 0,
+        })
+        if not math.isfinite(metrics[names.TRAIN_LOSS]):
+            raise FloatingPointError(f"the training loss became {metrics[names.TRAIN_LOSS]} at epoch {epoch}")
+        if evaluation.improved and trainer.rank == 0:
+            with tempfile.TemporaryDirectory() as directory:
+                trainer.save(directory)
+                save_trainer_state(directory, epoch, trainer.optimizer, trainer.scheduler, metrics=metrics,
+                                   **trainer.checkpoint_state())
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        else:
+            ray.train.report(metrics)
+
+
+def steps_per_epoch(examples: int, world: int, per_worker_batch: int) -> int:
+    """Optimiser steps per epoch on each worker: each gets ceil(n / world) inputs (see
+    `length_grouped_batches`), cut into batches."""
+    return math.ceil(math.ceil(examples / world) / per_worker_batch)
+
+
+def adamw_with_warmup(parameters, learning_rate: float, weight_decay: float, warmup_ratio: float,
+                      total_steps: int):
+    """AdamW and a linear schedule that warms up over the first `warmup_ratio` of the steps."""
+    from transformers import get_linear_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay)
+    total_steps = max(1, total_steps)
+    return optimizer, get_linear_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * total_steps), total_steps)
