@@ -30,7 +30,7 @@ def cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    from tuning.driver import LOCAL_RAY_ENV
+    from tuning.ray_search import LOCAL_RAY_ENV
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True,
                                                             "dashboard_host": "127.0.0.1"})
@@ -195,7 +195,7 @@ def _in_background(prepared) -> tuple[threading.Thread, dict[str, Any]]:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_the_gpu_request_is_checked_against_the_nodes_logical_gpus(cluster):
-    from tuning.driver import infeasible_request
+    from tuning.ray_search import infeasible_request
 
     assert infeasible_request(1, 1, 1) is None  # each worker node has one logical GPU
     problem = infeasible_request(1, 1, 2)

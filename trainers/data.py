@@ -312,3 +312,13 @@ def load_dataset_dir(data_dir: Path, skip_invalid: bool = False,
         skipped_unparseable=sum(r.skipped_unparseable for r in reports.values()),
         first_unparseable=next((r.first_unparseable for r in reports.values() if r.first_unparseable), None),
     )
+
+
+def query_label_split(examples: list[Example]) -> dict[str, list]:
+    """A split as ToolRAG trainers read it: the queries and their 16-float label rows."""
+    return {"queries": [e.query for e in examples], "labels": [e.label_vector for e in examples]}
+
+
+def message_plan_split(examples: list[Example]) -> list[dict[str, Any]]:
+    """A split as the planner reads it: each record's messages and its target plan."""
+    return [{"messages": [list(m) for m in e.messages], "plan": e.plan} for e in examples]

@@ -108,6 +108,20 @@ def load_tokenizer(model_path: str):
     return tokenizer
 
 
+def check_model_folder(model_path: Path, templates: set[str]) -> str | None:
+    """Why this base cannot serve the templates a search uses, or None: the `chat` template
+    needs a tokenizer with a chat template. Said before any trial fails on it."""
+    config_file = Path(model_path) / "tokenizer_config.json"
+    if "chat" not in templates or not config_file.exists():
+        return None
+    has_template = (Path(model_path) / "chat_template.jinja").exists() or bool(
+        json.loads(config_file.read_text()).get("chat_template"))
+    if has_template:
+        return None
+    return (f"{model_path}: the tokenizer has no chat template, so prompt_template 'chat' cannot be used; "
+            "remove 'chat' from the search space")
+
+
 def build_lora_model(config: PlannerConfig, base: torch.nn.Module | None = None):
     """The base causal LM (loaded from model_path unless given) wrapped in PEFT LoRA adapters."""
     from peft import LoraConfig, get_peft_model

@@ -12,12 +12,15 @@ and the transformer's BCE `pos_weight` becomes the weight of the positive class 
 per-tool regression. `train_loss` is the positive-weighted cross-entropy averaged as
 `BCEWithLogitsLoss` averages it, so the two trainers' losses sit on one scale.
 
-Fitting is one pass of scikit-learn on the calling process; nothing here needs Ray.
+Fitting is one pass of scikit-learn. In a search it runs on a Ray Train worker through the
+same epoch loop as the transformer (`train_fn_per_worker`), as an epoch of one fit; the rest of
+the module needs no Ray.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import warnings
 import zipfile
 from pathlib import Path
@@ -31,6 +34,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.pipeline import FeatureUnion, Pipeline
 
+from trainers import metric_names as names
+from trainers.epoch_loop import EpochCost, EpochTrainer, Evaluation, run_epochs
 from trainers.evaluation import ToolRetrievalCounts, paper_distance
 from trainers.toolrag import TOOLRAG_TEMPLATES, Target, render_inputs
 from trainers.tools import NUM_TOOLS
@@ -184,7 +189,7 @@ def _score(pipeline: Pipeline, config: LinearToolRAGConfig, split: dict[str, lis
     counts.update(torch.from_numpy(probabilities),
                   torch.tensor(labels, dtype=torch.float32).reshape(-1, NUM_TOOLS), config.threshold)
     metrics = counts.metrics()
-    metrics["paper_distance"] = paper_distance(metrics, {k: t.model_dump() for k, t in config.targets.items()})
+    metrics[names.PAPER_DISTANCE] = paper_distance(metrics, {k: t.model_dump() for k, t in config.targets.items()})
     return metrics
 
 
@@ -256,3 +261,55 @@ def score_checkpoint(directory: str, split: dict[str, list], device: torch.devic
     limit = max_examples if max_examples is not None else config.max_eval_examples
     return _score(pipeline, config, split, limit), []
 
+
+
+class LinearToolRAGTrainer(EpochTrainer):
+    """The linear ToolRAG's part of the epoch loop (trainers/epoch_loop.py): its one epoch is
+    the fit. Running in the same loop as the transformer gives it the same reports, cost
+    figures, checkpoints and resume, so the two compare row by row in MLflow. With several
+    workers each fits the same pipeline (scikit-learn does not shard); rank 0 saves it."""
+
+    def __init__(self, config: LinearToolRAGConfig):
+        super().__init__(config)
+        self.targets = {name: target.model_dump() for name, target in config.targets.items()}
+        self.pipeline: Pipeline | None = None
+        self.best_distance = math.inf
+
+    def prepare_data(self, fetch, data_fingerprint: str) -> None:
+        self.data = fetch()
+
+    def load_model(self, directory: str) -> Pipeline:
+        return load_checkpoint(directory)[0]
+
+    def build(self, resumed_model) -> None:
+        self.pipeline = resumed_model
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.best_distance = state["best_distance"]
+
+    def train_epoch(self, epoch: int) -> EpochCost:
+        train = self.data["train"]
+        self.pipeline, loss = fit(self.config, train["queries"], train["labels"])
+        return EpochCost(loss_total=loss, steps=1)
+
+    def evaluate(self, epoch: int) -> Evaluation:
+        metrics = evaluate(self.pipeline, self.config, self.data["val"])
+        improved = metrics[names.PAPER_DISTANCE] < self.best_distance
+        self.best_distance = min(self.best_distance, metrics[names.PAPER_DISTANCE])
+        metrics[names.BEST_PAPER_DISTANCE] = self.best_distance
+        return Evaluation(metrics, improved)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"best_distance": self.best_distance}
+
+    def save(self, directory: str) -> None:
+        save_checkpoint(self.pipeline, self.config, directory)
+
+
+def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
+    """Fit one linear ToolRAG configuration on a Ray Train worker and report its validation
+    figures (the transformer's names), with the fitted pipeline as the checkpoint.
+
+    loop_config: as `trainers.toolrag.train_fn_per_worker`'s, with LinearToolRAGConfig fields.
+    """
+    run_epochs(LinearToolRAGTrainer(LinearToolRAGConfig.model_validate(loop_config["trainer"])), loop_config)

@@ -12,23 +12,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from trainers.planner import PlannerConfig
 from trainers.planner_base import BaseBuildSettings
-from trainers.planner_prompts import PLANNER_TEMPLATES
-from trainers.toolrag import TOOLRAG_TEMPLATES, ToolRAGConfig
+from trainers.registry import DEFAULT_FAMILY, MODELS, ModelSpec, families, spec_for
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 PRESETS_DIR = SPACES_DIR / "presets"
 TARGETS_FILE = SPACES_DIR / "targets.yaml"
-MODELS = ("toolrag", "planner")
-PRESETS = ("paper", "local", "tiny")
-# Keys only the driver sets, never a preset or a search: where the model and caches live, and
-# the seed (--seed, so that one flag decides it).
+# Keys only the search sets, never a preset or a search space: where the model and caches
+# live, and the seed (--seed, so that one flag decides it).
 NOT_SEARCHABLE = {"model_path", "architecture", "cache_dir", "targets", "seed"}
-TRAINER_CONFIGS: dict[str, type[BaseModel]] = {"toolrag": ToolRAGConfig, "planner": PlannerConfig}
-TEMPLATES: dict[str, tuple[str, ...]] = {"toolrag": tuple(TOOLRAG_TEMPLATES), "planner": PLANNER_TEMPLATES}
-# The paper's figures each model's trainer is scored against (names in targets.yaml).
-TARGET_METRICS = {"toolrag": ("tool_recall", "tool_count"), "planner": ("plan_success", "plan_success_with_toolrag")}
+# The setting whose values each model lists as its templates.
+TEMPLATE_KEY = "prompt_template"
 
 
 class UserError(ValueError):
@@ -62,8 +56,13 @@ class TargetEntry(Strict):
     source: str
 
 
+def shipped_presets(task: str) -> list[str]:
+    """The preset names shipped for a task: the YAML files under search_spaces/presets/<task>/."""
+    return sorted(path.stem for path in (PRESETS_DIR / task).glob("*.yaml"))
+
+
 def load_targets(model: str, path: Path = TARGETS_FILE) -> dict[str, dict[str, float]]:
-    """{metric: {"value", "tolerance"}} for the model, from the one targets file."""
+    """{metric: {"value", "tolerance"}} for a task, from the one targets file."""
     raw = _read_yaml(path)
     if not isinstance(raw, dict) or model not in raw:
         raise UserError(f"{path}: no targets for model {model!r}")
@@ -112,7 +111,10 @@ class SyntheticData(Strict):
 
 
 class Preset(Strict):
-    model: ModelSource
+    # Which of the task's models the preset trains (trainers/registry.py).
+    family: str = DEFAULT_FAMILY
+    # Where the pretrained model comes from; a model trained from nothing (linear) has none.
+    model: ModelSource | None = None
     trainer: dict[str, Any] = Field(default_factory=dict)
     search: SearchSettings
     data: SyntheticData = SyntheticData()
@@ -157,72 +159,89 @@ class Parameter(Strict):
 
 
 class SearchSpace(Strict):
-    model: Literal["toolrag", "planner"]
+    # The registry name of the model the space is for: a linear model's space differs.
+    model: str
     parameters: dict[str, Parameter] = Field(min_length=1)
     warm_start: list[dict[str, Any]] = Field(default_factory=list)
 
 
-def _trainer_probe(model: str) -> dict[str, Any]:
-    """Placeholders for the fields only the driver knows, so a preset can be checked alone."""
-    probe = {"model_path": ".", "targets": {name: {"value": 0.5, "tolerance": 1.0} for name in TARGET_METRICS[model]}}
-    if "cache_dir" in TRAINER_CONFIGS[model].model_fields:
-        probe["cache_dir"] = "."
+def _trainer_probe(spec: ModelSpec) -> dict[str, Any]:
+    """Placeholders for the fields only the search knows, so a preset can be checked alone."""
+    fields = spec.config_class.model_fields
+    probe: dict[str, Any] = {"targets": {name: {"value": 0.5, "tolerance": 1.0} for name in spec.target_metrics}}
+    probe.update({key: "." for key in ("model_path", "cache_dir") if key in fields})
     return probe
 
 
-def check_trainer_settings(model: str, settings: dict[str, Any], source: str) -> None:
-    """Raise UserError unless `settings` (plus driver placeholders) make a valid trainer config."""
+def check_trainer_settings(spec: ModelSpec, settings: dict[str, Any], source: str) -> None:
+    """Raise UserError unless `settings` (plus the search's placeholders) make a valid trainer config."""
     forbidden = NOT_SEARCHABLE & settings.keys()
     if forbidden:
-        raise UserError(f"{source}: {sorted(forbidden)[0]}: set by the driver, not by a preset or search space")
+        raise UserError(f"{source}: {sorted(forbidden)[0]}: set by the search, not by a preset or search space")
     try:
-        TRAINER_CONFIGS[model].model_validate({**_trainer_probe(model), **settings})
+        spec.config_class.model_validate({**_trainer_probe(spec), **settings})
     except ValidationError as error:
         raise UserError(f"{source}: {_describe(error)}") from None
 
 
-def preset_path(model: str, preset: str) -> Path:
-    """A shipped preset by name (paper, local, tiny), or a YAML file of the same shape."""
-    if preset in PRESETS:
-        return PRESETS_DIR / model / f"{preset}.yaml"
+def preset_path(task: str, preset: str) -> Path:
+    """A shipped preset by name (see `shipped_presets`), or a YAML file of the same shape."""
     if preset.endswith((".yaml", ".yml")):
         return Path(preset).expanduser()
-    raise UserError(f"--preset {preset}: not one of {', '.join(PRESETS)} and not a .yaml file")
+    shipped = shipped_presets(task)
+    if preset in shipped:
+        return PRESETS_DIR / task / f"{preset}.yaml"
+    raise UserError(f"--preset {preset}: not one of {', '.join(shipped)} and not a .yaml file")
 
 
-def load_preset(model: str, preset: str) -> Preset:
-    path = preset_path(model, preset)
+def load_preset(task: str, preset: str) -> tuple[Preset, ModelSpec]:
+    """A preset, checked against the model it names, and that model's registry entry."""
+    path = preset_path(task, preset)
     raw = _read_yaml(path)
     try:
         loaded = Preset.model_validate(raw)
     except ValidationError as error:
         raise UserError(f"{path}: {_describe(error)}") from None
-    check_trainer_settings(model, loaded.trainer, f"{path}: trainer")
-    if model != "planner" and loaded.model.build_base is not None:
-        raise UserError(f"{path}: model.build_base: only the planner builds its own base")
-    if model == "planner" and loaded.model.architecture is not None and loaded.model.build_base is None:
-        raise UserError(f"{path}: model.architecture: the planner builds from an architecture only with build_base")
-    return loaded
+    try:
+        spec = spec_for(task, loaded.family)
+    except KeyError:
+        raise UserError(f"{path}: family: {loaded.family!r} is not a {task} model "
+                        f"(known: {', '.join(families(task))})") from None
+    check_trainer_settings(spec, loaded.trainer, f"{path}: trainer")
+    source = loaded.model
+    if spec.needs_model_source and source is None:
+        raise UserError(f"{path}: model: required for the {spec.name} model (name_or_path, or build_base)")
+    if not spec.needs_model_source and source is not None:
+        raise UserError(f"{path}: model: the {spec.name} model is trained from nothing and takes no model source")
+    if source is not None and not spec.builds_base and source.build_base is not None:
+        raise UserError(f"{path}: model.build_base: the {spec.name} model does not build its own base")
+    if source is not None and spec.builds_base and source.architecture is not None and source.build_base is None:
+        raise UserError(f"{path}: model.architecture: the {spec.name} model builds from an architecture only "
+                        "with build_base")
+    return loaded, spec
 
 
-def load_search_space(model: str, path: Path, base_trainer: dict[str, Any]) -> SearchSpace:
+def load_search_space(spec: ModelSpec, path: Path, base_trainer: dict[str, Any]) -> SearchSpace:
     """Load and check a space: known keys, sane ranges, values the trainer accepts, warm starts inside."""
     raw = _read_yaml(path)
     try:
         space = SearchSpace.model_validate(raw)
     except ValidationError as error:
         raise UserError(f"{path}: {_describe(error)}") from None
-    if space.model != model:
-        raise UserError(f"{path}: model: this space is for {space.model!r}, not {model!r}")
-    fields = TRAINER_CONFIGS[model].model_fields
+    if space.model != spec.name:
+        known = f" (models: {', '.join(MODELS)})" if space.model not in MODELS else ""
+        raise UserError(f"{path}: model: this space is for {space.model!r}, not {spec.name!r}{known}")
+    fields = spec.config_class.model_fields
     for key, parameter in space.parameters.items():
         if key not in fields or key in NOT_SEARCHABLE:
             searchable = sorted(set(fields) - NOT_SEARCHABLE)
-            raise UserError(f"{path}: parameters.{key}: not a searchable {model} setting (known: {', '.join(searchable)})")
+            raise UserError(f"{path}: parameters.{key}: not a searchable {spec.name} setting "
+                            f"(known: {', '.join(searchable)})")
         for value in parameter.samples():
-            if key == "prompt_template" and value not in TEMPLATES[model]:
-                raise UserError(f"{path}: parameters.{key}: unknown template {value!r} (known: {', '.join(TEMPLATES[model])})")
-            check_trainer_settings(model, {**base_trainer, key: value}, f"{path}: parameters.{key}")
+            if key == TEMPLATE_KEY and value not in spec.templates:
+                raise UserError(f"{path}: parameters.{key}: unknown template {value!r} "
+                                f"(known: {', '.join(spec.templates)})")
+            check_trainer_settings(spec, {**base_trainer, key: value}, f"{path}: parameters.{key}")
     for position, point in enumerate(space.warm_start):
         if set(point) != set(space.parameters):
             raise UserError(f"{path}: warm_start[{position}]: must set exactly the searched keys {sorted(space.parameters)}")

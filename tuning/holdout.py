@@ -10,22 +10,11 @@ resources of one Train worker.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
+from trainers import metric_names as names
+from trainers.registry import MODELS, ModelSpec
 from tuning.tracking import SearchTracker, TrialRecord
-
-
-def score_fn_for(model: str) -> Callable[..., tuple[dict[str, float], list[dict[str, Any]]]]:
-    """The trainer's `score_checkpoint(directory, split_data, device)`."""
-    if model == "toolrag":
-        from trainers.toolrag import score_checkpoint
-
-        return score_checkpoint
-    if model == "planner":
-        from trainers.planner import score_checkpoint
-
-        return score_checkpoint
-    raise ValueError(f"no test scoring for model {model!r}")
 
 
 def _checkpoint(checkpoint_path: str, storage_path: str):
@@ -39,7 +28,7 @@ def _checkpoint(checkpoint_path: str, storage_path: str):
     return Checkpoint(checkpoint_path)
 
 
-def _score_one(model: str, checkpoint_path: str, storage_path: str, split_data: Any, cpus: float):
+def _score_one(model_name: str, checkpoint_path: str, storage_path: str, split_data: Any, cpus: float):
     """Runs in a Ray task: fetch the checkpoint (local folder or cloud storage) and score it."""
     import ray
     import torch
@@ -47,18 +36,20 @@ def _score_one(model: str, checkpoint_path: str, storage_path: str, split_data: 
     torch.set_num_threads(max(1, int(cpus)))
     device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
     with _checkpoint(checkpoint_path, storage_path).as_directory() as directory:
-        return score_fn_for(model)(directory, split_data, device)
+        return MODELS[model_name].score_checkpoint(directory, split_data, device)
 
 
-def describe(model: str, metrics: dict[str, float]) -> str:
+def describe(spec: ModelSpec, metrics: dict[str, float]) -> str:
     """One line of test figures with their intervals."""
-    names = ("tool_recall", "tool_count") if model == "toolrag" else ("plan_success",)
-    parts = [f"{name} {metrics[name]:.3f} [{metrics[name + '_ci_low']:.3f}, {metrics[name + '_ci_high']:.3f}]"
-             for name in names]
-    return ", ".join(parts) + f", distance {metrics['paper_distance']:.2f}, {int(metrics['eval_examples'])} examples"
+    parts = []
+    for name in spec.headline:
+        low, high = names.interval(name)
+        parts.append(f"{name} {metrics[name]:.3f} [{metrics[low]:.3f}, {metrics[high]:.3f}]")
+    return (", ".join(parts) + f", distance {metrics[names.PAPER_DISTANCE]:.2f}, "
+            f"{int(metrics[names.EVAL_EXAMPLES])} examples")
 
 
-def score_trials_on_test(tracker: SearchTracker, model: str, split_data: Any, storage_path: str,
+def score_trials_on_test(tracker: SearchTracker, spec: ModelSpec, split_data: Any, storage_path: str,
                          cpus_per_task: float, gpus_per_task: float) -> list[TrialRecord]:
     """Score every trial that has a best checkpoint and no test figures yet (a resumed search
     skips those already scored); log `test_*` on each trial's run. Returns the trials scored."""
@@ -71,7 +62,7 @@ def score_trials_on_test(tracker: SearchTracker, model: str, split_data: Any, st
           "once each", flush=True)
     task = ray.remote(_score_one).options(num_cpus=cpus_per_task, num_gpus=gpus_per_task)
     data_ref = ray.put(split_data)
-    futures = {task.remote(model, r.checkpoint_path, storage_path, data_ref, cpus_per_task): r for r in pending}
+    futures = {task.remote(spec.name, r.checkpoint_path, storage_path, data_ref, cpus_per_task): r for r in pending}
     scored = []
     while futures:
         ready, _ = ray.wait(list(futures), num_returns=1)
@@ -86,5 +77,5 @@ def score_trials_on_test(tracker: SearchTracker, model: str, split_data: Any, st
             continue
         tracker.record_test(record.trial_id, metrics, samples)
         scored.append(record)
-        print(f"[test] trial {record.trial_id}: {describe(model, metrics)}", flush=True)
+        print(f"[test] trial {record.trial_id}: {describe(spec, metrics)}", flush=True)
     return scored

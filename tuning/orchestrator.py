@@ -1,8 +1,14 @@
 """One search from validated inputs to the closing table.
 
-`prepare` checks everything the user gave (preset, space, targets, model, data, paths)
-before Ray starts or anything is written to MLflow, so bad input costs seconds and leaves
-nothing behind. `execute` starts Ray, tracks, runs, ranks, registers and reports.
+`prepare` runs three steps before Ray starts or anything reaches MLflow, so bad input costs
+seconds and leaves nothing behind:
+1. `check_options`: the flags alone (numbers, paths, URIs, the cluster address);
+2. `load_inputs`: preset, search space, targets, model source and data;
+3. `plan_search`: a frozen description of the search (`PreparedSearch`).
+
+`execute` then runs it: Ray, the MLflow records, the Tune search, the test split, the ranking
+and registration; `report` prints the closing table. Nothing here names a model: per-model
+facts come from the registry (trainers/registry.py).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import os
 import re
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,49 +27,146 @@ from trainers import synthetic
 from trainers.data import HUB_DATASET_ID, Dataset, load_dataset_dir
 from trainers.models import resolve_source
 from trainers.planner_base import base_cache_dir
+from trainers.registry import ModelSpec
+from tuning import report
 from tuning.config import (
-    PRESETS, SPACES_DIR, TARGETS_FILE, TRAINER_CONFIGS, UserError, layer_preset_over_space, load_preset,
-    load_search_space, load_targets, preset_path,
+    SPACES_DIR, TARGETS_FILE, TEMPLATE_KEY, Preset, SearchSpace, UserError, layer_preset_over_space, load_preset,
+    load_search_space, load_targets, preset_path, shipped_presets,
 )
-from tuning.driver import SearchRequest
+from tuning.ray_search import SearchRequest
+from tuning.tracking import redact_uri, sqlite_path
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
-REGISTERED_MODEL = {"toolrag": "tinyagent-toolrag", "planner": "tinyagent-planner"}
 EXPERIMENT_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+# Trainer settings that say where things live on this machine: logged on the parent run, not
+# on every trial.
+MACHINE_SETTINGS = ("targets", "cache_dir", "architecture")
 
 
-@dataclass
+@dataclass(frozen=True)
+class Locations:
+    """Where the search writes, checked to be writable."""
+
+    results_dir: Path
+    storage: str
+    tracking_uri: str
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Everything the search reads, loaded and checked."""
+
+    spec: ModelSpec
+    preset: Preset
+    preset_name: str
+    preset_file: Path
+    space: SearchSpace
+    space_file: Path
+    targets: dict[str, dict[str, float]]
+    mlflow_experiment: str
+    # The preset's settings the space does not search, and the warm starts (see config.py).
+    preset_fixed: dict[str, Any]
+    warm_start: list[dict[str, Any]]
+    # A local model folder, or where the planner base will be built (`builds_base`).
+    model_path: Path | None
+    model_source: str | None
+    builds_base: bool
+    dataset: Dataset
+    # The parent run of the interrupted search `--resume` continues.
+    resumed_run: Any = None
+
+
+@dataclass(frozen=True)
 class PreparedSearch:
+    spec: ModelSpec
     request: SearchRequest
     tracking_uri: str
     results_dir: Path
-    run_name: str
-    experiment_name: str
+    mlflow_experiment: str
+    # The parent run's name in MLflow; a new search's Tune run has the same name.
+    parent_run_name: str
     preset_name: str
     targets: dict[str, dict[str, float]]
     dataset: Dataset
     files: list[Path]
     top_k: int
-    fixed_params: dict[str, Any]
+    # Logged on every trial's run beside its searched settings.
+    trial_params: dict[str, Any]
+    # Tags on every trial's run: which model, task and data, to compare across searches.
+    trial_tags: dict[str, str]
     parent_params: dict[str, Any]
+    parent_tags: dict[str, str]
     base_build: dict[str, Any] | None = None
-    # The parent run of the interrupted search `--resume` continues.
     resume_parent_id: str | None = None
     # What the trials never see: scored once per trial, on its best checkpoint, after the search.
     test_data: Any = None
     # Figures about the data that could not be prevented, for the parent run.
-    data_metrics: dict[str, float] | None = None
+    data_metrics: dict[str, float] = field(default_factory=dict)
 
 
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_DIR, capture_output=True, text=True,
-                              timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+# ----- step 1: the flags ------------------------------------------------------------------
+def _check_writable(path: Path, flag: str) -> None:
+    """An existing file must be writable, else the nearest existing ancestor must be a writable
+    directory; nothing is created here."""
+    if path.is_file():
+        if not os.access(path, os.W_OK):
+            raise UserError(f"{flag} {path}: the file is not writable")
+        return
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise UserError(f"{flag} {path}: cannot write there ({probe} is not a writable directory)")
 
 
-def _load_data(args: argparse.Namespace, preset, results_dir: Path) -> Dataset:
+def _check_numbers(args: argparse.Namespace) -> None:
+    for flag, value, low in (("--workers-per-trial", args.workers_per_trial, 1), ("--num-samples", args.num_samples, 1),
+                             ("--max-concurrent", args.max_concurrent, 1), ("--top-k", args.top_k, 1),
+                             ("--max-failed-trials", args.max_failed_trials, 1),
+                             ("--retries-per-trial", args.retries_per_trial if args.retries_per_trial is not None else 0, 0)):
+        if value is not None and value < low:
+            raise UserError(f"{flag} {value}: must be at least {low}")
+    if args.cpus_per_worker <= 0:
+        raise UserError(f"--cpus-per-worker {args.cpus_per_worker}: must be above 0")
+    if args.gpus_per_worker < 0:
+        raise UserError(f"--gpus-per-worker {args.gpus_per_worker}: must not be negative")
+    if not 0 < args.val_fraction <= 0.5:
+        raise UserError(f"--val-fraction {args.val_fraction}: must be above 0 and at most 0.5")
+    if args.experiment_name is not None and not EXPERIMENT_NAME_PATTERN.match(args.experiment_name):
+        raise UserError(f"--experiment-name {args.experiment_name!r}: use letters, digits, '.', '_' and '-' only")
+
+
+def check_options(args: argparse.Namespace) -> Locations:
+    """Check the flags that need no file read: numbers, where results go, the cluster."""
+    _check_numbers(args)
+    results_dir = Path(args.results_dir).expanduser().resolve()
+    _check_writable(results_dir, "--results-dir")
+    storage = args.storage or str(results_dir / "ray")
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+        _check_writable(Path(storage), "--storage")
+    tracking_uri = args.tracking_uri or f"sqlite:///{results_dir / 'mlflow.db'}"
+    sqlite_file = sqlite_path(tracking_uri)
+    if sqlite_file is not None:
+        if not sqlite_file.is_absolute():
+            raise UserError(f"--tracking-uri {tracking_uri}: use an absolute path (sqlite:////abs/path.db); "
+                            "trials run in other working directories")
+        _check_writable(sqlite_file, "--tracking-uri")
+    elif not tracking_uri.startswith(("http://", "https://", "databricks")):
+        raise UserError(f"--tracking-uri {tracking_uri}: expected sqlite:////abs/path.db or http(s)://host:port")
+    if args.address:
+        from tuning.ray_search import check_address
+
+        problem = check_address(args.address)
+        if problem:
+            raise UserError(f"--address {args.address}: {problem}")
+    return Locations(results_dir, storage, tracking_uri)
+
+
+# ----- step 2: the files ------------------------------------------------------------------
+def _load_data(args: argparse.Namespace, preset: Preset, results_dir: Path) -> Dataset:
+    """The data the search trains on. Without --data, synthetic data is generated once per
+    (seed, sizes) and kept under the results folder, written atomically."""
     if args.data is None:
         sizes = preset.data
         folder = results_dir / "data" / f"synthetic-seed{args.seed}-{sizes.synthetic_train}-{sizes.synthetic_test}"
@@ -83,177 +186,125 @@ def _load_data(args: argparse.Namespace, preset, results_dir: Path) -> Dataset:
     raise UserError(f"--data {args.data}: no such directory (or pass the hub id {HUB_DATASET_ID})")
 
 
-def redact_uri(uri: str) -> str:
-    """A URI safe to log: no user:password@, and no query values (S3 URIs can carry keys)."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    if "://" not in uri:
-        return uri
-    parts = urlsplit(uri)
-    if parts.username is None and parts.password is None and not parts.query:
-        return uri
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
-    query = "&".join(f"{item.split('=', 1)[0]}=REDACTED" for item in parts.query.split("&") if item)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+def smoke_preset(task: str, preset: str) -> str:
+    """The preset `--smoke` runs instead of `preset`: its own `<preset>-smoke` when one is
+    shipped (linear-smoke), else `tiny` (the transformer at test size)."""
+    return f"{preset}-smoke" if f"{preset}-smoke" in shipped_presets(task) else "tiny"
 
 
-def split_data(model: str, examples: list) -> Any:
-    """One split as the model's trainer reads it: only the fields it needs."""
-    if model == "toolrag":
-        return {"queries": [e.query for e in examples], "labels": [e.label_vector for e in examples]}
-    return [{"messages": [list(m) for m in e.messages], "plan": e.plan} for e in examples]
+def _templates_used(spec: ModelSpec, space: SearchSpace, preset_trainer: dict[str, Any]) -> set[str]:
+    parameter = space.parameters.get(TEMPLATE_KEY)
+    templates = set(parameter.values if parameter is not None and parameter.values else [])
+    templates.add(preset_trainer.get(TEMPLATE_KEY, spec.config_class.model_fields[TEMPLATE_KEY].default))
+    return templates
 
 
-def trial_data(model: str, dataset: Dataset) -> dict[str, Any]:
-    """What each trial's workers read: train and validation. The test split is not among them."""
-    return {"train": split_data(model, dataset.train), "val": split_data(model, dataset.val)}
+def _model_source(args: argparse.Namespace, spec: ModelSpec, preset: Preset) -> tuple[Path | None, str | None, bool]:
+    """(local model folder, where it came from, whether the base is still to be built)."""
+    if not spec.needs_model_source:
+        if args.model_path:
+            raise UserError(f"--model-path: the {spec.name} model is trained from nothing and loads no model")
+        return None, None, False
+    builds_base = preset.model.build_base is not None and args.model_path is None
+    if builds_base:
+        return None, None, True
+    source = args.model_path or preset.model.name_or_path
+    return resolve_source(source, "model", "--model-path"), source, False
 
 
-def _report_data(dataset: Dataset) -> dict[str, float]:
-    """Print what the splits hold and what could not be prevented; the figures for the parent run."""
-    print(f"[data] {len(dataset.train)} train / {len(dataset.val)} validation (carved from the training file, "
-          f"--val-fraction {dataset.val_fraction:g}) / {len(dataset.test)} test examples; trials select on "
-          "validation, and test is scored once per trial after the search", flush=True)
-    if dataset.skipped_invalid:
-        print(f"[data] --skip-invalid: left out {dataset.skipped_invalid} invalid records", flush=True)
-    if dataset.skipped_without_plan:
-        print(f"[data] left out {dataset.skipped_without_plan} records without a plan point", flush=True)
-    print(f"[data] {dataset.test_queries_in_train} test queries also occur in train (case and punctuation ignored)"
-          + ("; their test figures are partly memory" if dataset.test_queries_in_train else ""), flush=True)
-    if dataset.unparseable_targets:
-        kept = dataset.unparseable_targets - dataset.skipped_unparseable
-        print(f"[data] {dataset.unparseable_targets} target plans do not parse, or parse to an empty plan, with "
-              f"TinyAgent's parser (first: {dataset.first_unparseable}); "
-              + ("--skip-invalid left them out" if not kept else
-                 f"{kept} are kept and every trial fails them (--skip-invalid leaves them out)"), flush=True)
-    else:
-        print("[data] every target plan parses with TinyAgent's parser", flush=True)
+def load_inputs(args: argparse.Namespace, locations: Locations) -> Inputs:
+    """Load and check preset, space, targets, model and data, in that order: data comes last
+    because generating it is the one step that writes (a cache under the results folder)."""
+    preset_name = smoke_preset(args.model, args.preset) if args.smoke else args.preset
+    preset, spec = load_preset(args.model, preset_name)
+    preset_file = preset_path(args.model, preset_name)
+    if preset_name not in shipped_presets(args.model):
+        preset_name = preset_file.stem
+    space_file = Path(args.space) if args.space else SPACES_DIR / preset.search.space
+    space = load_search_space(spec, space_file, preset.trainer)
+    targets = load_targets(spec.task)
+    if args.objective == "pareto" and spec.pareto is None:
+        raise UserError(f"--objective pareto: the {spec.name} model has no pair of figures to trade; "
+                        "use --objective distance")
+    mlflow_experiment = args.experiment_name or f"tinyagent-{args.model}-{preset_name}"
+    # Before any data is generated: a search that cannot be resumed leaves nothing behind.
+    resumed_run = None
+    if args.resume:
+        from tuning.resume import search_to_resume
+
+        resumed_run = search_to_resume(mlflow_experiment, locations.tracking_uri, locations.storage)
+    model_path, model_source, builds_base = _model_source(args, spec, preset)
+    if model_path is not None and spec.check_model_folder is not None:
+        problem = spec.check_model_folder(model_path, _templates_used(spec, space, preset.trainer))
+        if problem:
+            raise UserError(problem)
+    preset_fixed, warm_start = layer_preset_over_space(preset.trainer, preset_file, space, space_file)
+    dataset = _load_data(args, preset, locations.results_dir)
+    if builds_base:
+        model_path = base_cache_dir(locations.results_dir / "cache", dataset.split_fingerprint,
+                                    preset.model.architecture, preset.model.build_base)
+        model_source = f"built from config: {model_path}"
+    return Inputs(spec=spec, preset=preset, preset_name=preset_name, preset_file=preset_file, space=space,
+                  space_file=space_file, targets=targets, mlflow_experiment=mlflow_experiment,
+                  preset_fixed=preset_fixed, warm_start=warm_start, model_path=model_path,
+                  model_source=model_source, builds_base=builds_base, dataset=dataset, resumed_run=resumed_run)
+
+
+# ----- step 3: the plan -------------------------------------------------------------------
+def data_metrics(dataset: Dataset) -> dict[str, float]:
+    """What the data could not be kept from, for the parent run."""
     return {"test_queries_in_train": dataset.test_queries_in_train,
             "unparseable_targets": dataset.unparseable_targets,
             "skipped_unparseable_targets": dataset.skipped_unparseable}
 
 
-def _check_chat_template(model_path: Path, space, preset_trainer: dict[str, Any]) -> None:
-    """The `chat` template needs a tokenizer with a chat template; say so before any trial fails.
-
-    A base still to be built always gets one, so it is not checked.
-    """
-    template = space.parameters.get("prompt_template")
-    templates = set(template.values if template is not None and template.values else [])
-    templates.add(preset_trainer.get("prompt_template", TRAINER_CONFIGS["planner"].model_fields["prompt_template"].default))
-    config_file = Path(model_path) / "tokenizer_config.json"
-    if "chat" not in templates or not config_file.exists():
-        return
-    has_template = (Path(model_path) / "chat_template.jinja").exists() or bool(
-        json.loads(config_file.read_text()).get("chat_template"))
-    if not has_template:
-        raise UserError(f"{model_path}: the tokenizer has no chat template, so prompt_template 'chat' cannot be "
-                        "used; remove 'chat' from the search space")
+def _trainer_base(args: argparse.Namespace, inputs: Inputs, locations: Locations) -> dict[str, Any]:
+    """The settings every trial shares. One winner per setting: the trainer's default, then the
+    preset; searched keys come from each trial (the preset's values for them are the first warm
+    start); the seed is --seed; where the model and caches live is this machine's."""
+    fields = inputs.spec.config_class.model_fields
+    machine = {"targets": inputs.targets, "seed": args.seed}
+    if "model_path" in fields:
+        machine["model_path"] = str(inputs.model_path)
+    if "cache_dir" in fields:
+        machine["cache_dir"] = str(locations.results_dir / "cache" / "tokens")
+    if "architecture" in fields and inputs.preset.model is not None:
+        machine["architecture"] = inputs.preset.model.architecture
+    merged = {**inputs.preset_fixed, **machine, **(inputs.warm_start[0] if inputs.warm_start else {})}
+    return inputs.spec.config_class.model_validate(merged).model_dump(exclude=set(inputs.space.parameters))
 
 
-def _sqlite_path(tracking_uri: str) -> Path | None:
-    if tracking_uri.startswith("sqlite:///"):
-        return Path(tracking_uri[len("sqlite:///"):])
-    return None
+def _parent_params(args: argparse.Namespace, inputs: Inputs, request: SearchRequest) -> dict[str, Any]:
+    dataset = inputs.dataset
+    return {
+        "model": args.model, "model_name": inputs.spec.name, "family": inputs.spec.family,
+        "preset": inputs.preset_name, "objective": request.objective,
+        "num_samples": request.num_samples, "seed": request.seed, "workers_per_trial": request.workers_per_trial,
+        "max_failed_trials": request.max_failed_trials,
+        "cpus_per_worker": request.cpus_per_worker, "gpus_per_worker": request.gpus_per_worker,
+        "data_source": dataset.source, "data_fingerprint": dataset.fingerprint,
+        "train_examples": len(dataset.train), "test_examples": len(dataset.test),
+        "val_fraction": dataset.val_fraction, "val_examples": len(dataset.val),
+        "search_space": json.dumps(request.param_space), "warm_start": json.dumps(request.warm_start),
+        "model_source": inputs.model_source or "none (trained from nothing)",
+    }
 
 
-def _check_writable(path: Path, flag: str) -> None:
-    """An existing file must be writable, else the nearest existing ancestor must be a writable
-    directory; nothing is created here."""
-    if path.is_file():
-        if not os.access(path, os.W_OK):
-            raise UserError(f"{flag} {path}: the file is not writable")
-        return
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK):
-        raise UserError(f"{flag} {path}: cannot write there ({probe} is not a writable directory)")
+def plan_search(args: argparse.Namespace, locations: Locations, inputs: Inputs) -> PreparedSearch:
+    """The frozen description of the search: what Tune runs, and what MLflow records."""
+    from tuning.resume import TUNE_RUN_TAG, check_same_search, tune_run_name
 
-
-def prepare(args: argparse.Namespace) -> PreparedSearch:
-    """Validate every input; raises UserError (or DataError/SourceUnavailable, also user errors)."""
-    preset_name = "tiny" if args.smoke else args.preset
-    preset = load_preset(args.model, preset_name)
-    preset_file = preset_path(args.model, preset_name)
-    if preset_name not in PRESETS:
-        preset_name = preset_file.stem
-    space_path = Path(args.space) if args.space else SPACES_DIR / preset.search.space
-    space = load_search_space(args.model, space_path, preset.trainer)
-    targets = load_targets(args.model)
-
-    for flag, value, low in (("--workers-per-trial", args.workers_per_trial, 1), ("--num-samples", args.num_samples, 1),
-                             ("--max-concurrent", args.max_concurrent, 1), ("--top-k", args.top_k, 1),
-                             ("--max-failed-trials", args.max_failed_trials, 1),
-                             ("--retries-per-trial", args.retries_per_trial if args.retries_per_trial is not None else 0, 0)):
-        if value is not None and value < low:
-            raise UserError(f"{flag} {value}: must be at least {low}")
-    if args.cpus_per_worker <= 0:
-        raise UserError(f"--cpus-per-worker {args.cpus_per_worker}: must be above 0")
-    if args.gpus_per_worker < 0:
-        raise UserError(f"--gpus-per-worker {args.gpus_per_worker}: must not be negative")
-    if not 0 < args.val_fraction <= 0.5:
-        raise UserError(f"--val-fraction {args.val_fraction}: must be above 0 and at most 0.5")
-    if args.objective == "pareto" and args.model != "toolrag":
-        raise UserError("--objective pareto: trades tool recall against tools retrieved, so it is for --model toolrag only")
-    experiment_name = args.experiment_name or f"tinyagent-{args.model}-{preset_name}"
-    if not EXPERIMENT_NAME_PATTERN.match(experiment_name):
-        raise UserError(f"--experiment-name {experiment_name!r}: use letters, digits, '.', '_' and '-' only")
-
-    results_dir = Path(args.results_dir).expanduser().resolve()
-    _check_writable(results_dir, "--results-dir")
-    storage = args.storage or str(results_dir / "ray")
-    if "://" not in storage:
-        storage = str(Path(storage).expanduser().resolve())
-        _check_writable(Path(storage), "--storage")
-    tracking_uri = args.tracking_uri or f"sqlite:///{results_dir / 'mlflow.db'}"
-    sqlite_file = _sqlite_path(tracking_uri)
-    if sqlite_file is not None:
-        if not sqlite_file.is_absolute():
-            raise UserError(f"--tracking-uri {tracking_uri}: use an absolute path (sqlite:////abs/path.db); "
-                            "trials run in other working directories")
-        _check_writable(sqlite_file, "--tracking-uri")
-    elif not tracking_uri.startswith(("http://", "https://", "databricks")):
-        raise UserError(f"--tracking-uri {tracking_uri}: expected sqlite:////abs/path.db or http(s)://host:port")
-
-    if args.address:
-        from tuning.driver import check_address
-
-        problem = check_address(args.address)
-        if problem:
-            raise UserError(f"--address {args.address}: {problem}")
-    # Before any data is generated: a search that cannot be resumed leaves nothing behind.
-    resumed = _search_to_resume(experiment_name, tracking_uri, storage) if args.resume else None
-    builds_base = preset.model.build_base is not None and args.model_path is None
-    model_source = args.model_path or preset.model.name_or_path
-    model_path = None if builds_base else resolve_source(model_source, "model", "--model-path")
-    if args.model == "planner" and model_path is not None:
-        _check_chat_template(model_path, space, preset.trainer)
-    preset_fixed, warm_start = layer_preset_over_space(preset.trainer, preset_file, space, space_path)
-    dataset = _load_data(args, preset, results_dir)
-    data_metrics = _report_data(dataset)
-    if builds_base:
-        model_path = base_cache_dir(results_dir / "cache", dataset.split_fingerprint, preset.model.architecture,
-                                    preset.model.build_base)
-        model_source = f"built from config: {model_path}"
-
-    # One winner per setting: the trainer's default, then the preset; searched keys come from
-    # each trial (the preset's values for them are the first warm start); the seed is --seed.
-    trainer_base = {**preset_fixed, "model_path": str(model_path), "targets": targets, "seed": args.seed}
-    if args.model == "toolrag":
-        trainer_base.update(architecture=preset.model.architecture, cache_dir=str(results_dir / "cache" / "tokens"))
-    config_cls = TRAINER_CONFIGS[args.model]
-    trainer_base = config_cls.model_validate(
-        {**trainer_base, **(warm_start[0] if warm_start else {})}
-    ).model_dump(exclude=set(space.parameters))
-    data = trial_data(args.model, dataset)
-    run_name = f"{experiment_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    spec, dataset, preset = inputs.spec, inputs.dataset, inputs.preset
+    trainer_base = _trainer_base(args, inputs, locations)
+    parent_run_name = f"{inputs.mlflow_experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+    tune_name = parent_run_name
+    if inputs.resumed_run is not None:
+        parent_run_name, tune_name = inputs.resumed_run.info.run_name, tune_run_name(inputs.resumed_run)
     request = SearchRequest(
-        model=args.model, experiment_name=run_name, storage_path=storage, trainer_base=trainer_base,
-        param_space={k: v.model_dump() for k, v in space.parameters.items()}, warm_start=warm_start,
-        data=data, data_fingerprint=dataset.split_fingerprint,
+        model=spec.name, tune_run_name=tune_name, storage_path=locations.storage, trainer_base=trainer_base,
+        param_space={k: v.model_dump() for k, v in inputs.space.parameters.items()}, warm_start=inputs.warm_start,
+        data={"train": spec.split_payload(dataset.train), "val": spec.split_payload(dataset.val)},
+        data_fingerprint=dataset.split_fingerprint,
         num_samples=args.num_samples or preset.search.num_samples, max_concurrent=args.max_concurrent,
         workers_per_trial=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker,
         gpus_per_worker=args.gpus_per_worker, seed=args.seed, objective=args.objective,
@@ -263,98 +314,63 @@ def prepare(args: argparse.Namespace) -> PreparedSearch:
         # On the local Ray no node is lost, and a restart would only race the teardown of a
         # trial ASHA stopped (its workers then fail their health check).
         retries_per_trial=args.retries_per_trial if args.retries_per_trial is not None else (2 if args.address else 0),
+        resume=inputs.resumed_run is not None,
     )
-    fixed = {k: v for k, v in trainer_base.items() if k not in ("targets", "cache_dir", "architecture")}
-    fixed.update(model_source=model_source, preset=preset_name, data_fingerprint=dataset.fingerprint)
-    parent_params = {
-        "model": request.model, "preset": preset_name, "objective": request.objective,
-        "num_samples": request.num_samples, "seed": request.seed, "workers_per_trial": request.workers_per_trial,
-        "max_failed_trials": request.max_failed_trials,
-        "cpus_per_worker": request.cpus_per_worker, "gpus_per_worker": request.gpus_per_worker,
-        "data_source": dataset.source, "data_fingerprint": dataset.fingerprint,
-        "train_examples": len(dataset.train), "test_examples": len(dataset.test),
-        "val_fraction": dataset.val_fraction, "val_examples": len(dataset.val),
-        "search_space": json.dumps(request.param_space), "warm_start": json.dumps(request.warm_start),
-        "model_source": model_source,
-    }
-    resume_parent_id = None
-    if resumed is not None:
-        _check_same_search(resumed, parent_params, storage)
-        resume_parent_id, run_name = resumed.info.run_id, resumed.info.run_name
-        request.experiment_name, request.resume = resumed.data.tags["experiment_name"], True
+    parent_params = _parent_params(args, inputs, request)
+    if inputs.resumed_run is not None:
+        check_same_search(inputs.resumed_run, parent_params, locations.storage)
+    trial_params = {k: v for k, v in trainer_base.items() if k not in MACHINE_SETTINGS}
+    trial_params.update(model_source=inputs.model_source or "none", preset=inputs.preset_name,
+                        data_fingerprint=dataset.fingerprint)
     base_build = None
-    if builds_base:
-        base_build = {"target": model_path, "architecture": preset.model.architecture,
+    if inputs.builds_base:
+        base_build = {"target": inputs.model_path, "architecture": preset.model.architecture,
                       "settings": preset.model.build_base}
     return PreparedSearch(
-        request=request, base_build=base_build, tracking_uri=tracking_uri, results_dir=results_dir, run_name=run_name,
-        experiment_name=experiment_name, preset_name=preset_name, targets=targets, dataset=dataset,
-        files=[space_path, preset_file, TARGETS_FILE],
-        top_k=args.top_k, fixed_params=fixed, parent_params=parent_params, resume_parent_id=resume_parent_id,
-        test_data=split_data(args.model, dataset.test), data_metrics=data_metrics,
+        spec=spec, request=request, tracking_uri=locations.tracking_uri, results_dir=locations.results_dir,
+        mlflow_experiment=inputs.mlflow_experiment, parent_run_name=parent_run_name, preset_name=inputs.preset_name,
+        targets=inputs.targets, dataset=dataset, files=[inputs.space_file, inputs.preset_file, TARGETS_FILE],
+        top_k=args.top_k, trial_params=trial_params,
+        trial_tags={"model": spec.name, "task": spec.task, "family": spec.family,
+                    "data_split": dataset.split_fingerprint},
+        parent_params=parent_params,
+        parent_tags={"git_commit": _git_commit(), "storage": redact_uri(locations.storage), TUNE_RUN_TAG: tune_name},
+        base_build=base_build, resume_parent_id=inputs.resumed_run.info.run_id if inputs.resumed_run else None,
+        test_data=spec.split_payload(dataset.test), data_metrics=data_metrics(dataset),
     )
 
 
-# Options a resumed search may change; every other parent param must match the interrupted one.
-# The data may move: its fingerprint must still match.
-RESUME_MAY_CHANGE = {"max_failed_trials", "data_source"}
+def prepare(args: argparse.Namespace) -> PreparedSearch:
+    """Validate every input and plan the search; raises UserError (or DataError /
+    SourceUnavailable, also the user's to fix)."""
+    locations = check_options(args)
+    inputs = load_inputs(args, locations)
+    print(report.format_data_summary(inputs.dataset), flush=True)
+    return plan_search(args, locations, inputs)
 
 
-def _driver_alive(tags: dict[str, str]) -> int | None:
-    """The pid of the search's driver when it still runs on this machine."""
-    import socket
-
-    pid = tags.get("driver_pid", "")
-    if tags.get("driver_host") != socket.gethostname() or not pid.isdigit():
-        return None
+def _git_commit() -> str:
     try:
-        command = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
-    return int(pid) if b"search" in command else None
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_DIR, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
-def _search_to_resume(experiment_name: str, tracking_uri: str, storage: str):
-    """The interrupted search `--resume` continues (its MLflow parent run), checked to be
-    resumable: not finished, not still running, same storage."""
-    from tuning.tracking import latest_search
+# ----- execute ----------------------------------------------------------------------------
+@dataclass
+class Outcome:
+    """What the search left: for the parent run, the closing table and the exit code."""
 
-    sqlite_file = _sqlite_path(tracking_uri)
-    if sqlite_file is not None and not sqlite_file.exists():
-        raise UserError(f"--resume: there is no search to resume: {sqlite_file} does not exist "
-                        "(pass the --results-dir or --tracking-uri the search used)")
-    run = latest_search(tracking_uri, experiment_name)
-    if run is None:
-        raise UserError(f"--resume: experiment {experiment_name} in {redact_uri(tracking_uri)} has no search to resume")
-    name, tags = run.info.run_name, run.data.tags
-    if run.info.status == "FINISHED":
-        raise UserError(f"--resume: the last search of experiment {experiment_name} ({name}) finished; "
-                        "run without --resume to start a new one")
-    pid = _driver_alive(tags) if run.info.status == "RUNNING" else None
-    if pid is not None:
-        raise UserError(f"--resume: the search {name} is still running (pid {pid}); stop it before resuming")
-    if tags.get("storage") != redact_uri(storage):
-        raise UserError(f"--resume: the search {name} kept its state in --storage {tags.get('storage')}, "
-                        f"not {redact_uri(storage)}; pass the same --storage")
-    return run
-
-
-def _check_same_search(run, params: dict[str, Any], storage: str) -> None:
-    """Tune resumes the search it saved: a command that asks for another one is refused, and so
-    is a search that stopped before Tune saved anything."""
-    from ray.tune import Tuner
-
-    from tuning.driver import storage_join
-
-    changed = [f"{key} (was {run.data.params.get(key)!r:.80}, now {str(value)!r:.80})" for key, value in params.items()
-               if key not in RESUME_MAY_CHANGE and run.data.params.get(key) != str(value)[:6000]]
-    if changed:
-        raise UserError(f"--resume: this command differs from the interrupted search {run.info.run_name} in "
-                        f"{'; '.join(changed)}; resume with the options it was started with")
-    tune_path = storage_join(storage, "tune", run.data.tags.get("experiment_name", ""))
-    if not run.data.tags.get("experiment_name") or not Tuner.can_restore(tune_path):
-        raise UserError(f"--resume: no saved search state at {tune_path} (the search stopped before Tune "
-                        "saved any); run without --resume to start a new one")
+    status: str
+    ranked: list
+    totals: dict[str, float]
+    front: list = field(default_factory=list)
+    registered_version: str | None = None
+    budget: Any = None
+    # Trials found when resuming, by state (finished, failed, interrupted).
+    resumed_counts: dict[str, int] | None = None
+    family_bests: list = field(default_factory=list)
 
 
 def _build_planner_base(prepared: PreparedSearch) -> None:
@@ -374,114 +390,118 @@ def _build_planner_base(prepared: PreparedSearch) -> None:
                progress=lambda line: print(line, flush=True))
 
 
-def execute(prepared: PreparedSearch) -> int:
-    """Run the prepared search; returns the process exit code."""
-    import ray
-
-    from tuning import driver, holdout, report
+def _open_tracking(prepared: PreparedSearch):
+    """(tracker, counts of the trials found when resuming, or None)."""
+    from tuning import ray_search
     from tuning.tracking import SearchTracker
 
     request = prepared.request
-    started = time.time()
-    started_ray = driver.start_ray(request.address)
-    # Before anything is written: a request no node can hold would leave every trial PENDING
-    # forever.
-    problem = driver.infeasible_request(request.workers_per_trial, request.cpus_per_worker, request.gpus_per_worker)
-    if problem:
-        if started_ray:
-            ray.shutdown()
-        raise UserError(problem)
-    prepared.results_dir.mkdir(parents=True, exist_ok=True)
-    if prepared.base_build is not None:
-        _build_planner_base(prepared)
-    artifacts = (prepared.results_dir / "mlartifacts").as_uri() if _sqlite_path(prepared.tracking_uri) else None
-    tracker = SearchTracker(prepared.tracking_uri, prepared.experiment_name,
-                            max_epochs=driver.max_epochs(request.trainer_base, request.param_space),
-                            artifact_location=artifacts)
+    artifacts = (prepared.results_dir / "mlartifacts").as_uri() if sqlite_path(prepared.tracking_uri) else None
+    tracker = SearchTracker(prepared.tracking_uri, prepared.mlflow_experiment,
+                            max_epochs=ray_search.max_epochs(request.trainer_base, request.param_space),
+                            artifact_location=artifacts, trial_tags=prepared.trial_tags)
+    found = None
     if prepared.resume_parent_id:
         found = tracker.reattach(prepared.resume_parent_id, list(request.param_space))
-        request.failed_before_resume = found["failed"]
-        print(f"[resume] parent run {tracker.parent_run_id} ({prepared.run_name}) continues: {found['finished']} "
-              f"trials ended, {found['failed']} failed, {found['interrupted']} interrupted (these continue from "
-              "their last checkpoint)", flush=True)
+        print(f"[resume] parent run {tracker.parent_run_id} ({prepared.parent_run_name}) continues: "
+              f"{found['finished']} trials ended, {found['failed']} failed, {found['interrupted']} interrupted "
+              "(these continue from their last checkpoint)", flush=True)
     else:
-        tracker.start_parent(prepared.run_name, prepared.parent_params,
-                             {"git_commit": _git_commit(), "storage": redact_uri(request.storage_path),
-                              "experiment_name": request.experiment_name}, prepared.files)
+        tracker.start_parent(prepared.parent_run_name, prepared.parent_params, prepared.parent_tags, prepared.files)
         print(f"[mlflow] parent run {tracker.parent_run_id} in {prepared.tracking_uri} "
-              f"(experiment {prepared.experiment_name})", flush=True)
-    tracker.log_parent_metrics(prepared.data_metrics or {})
-    request.callbacks = [tracker.callback(prepared.fixed_params)]
-    status, budget = "FAILED", None
+              f"(experiment {prepared.mlflow_experiment})", flush=True)
+    tracker.log_parent_metrics(prepared.data_metrics)
+    return tracker, found
+
+
+def _totals(tracker, started: float) -> dict[str, float]:
+    trials = tracker.trials.values()
+    totals = {
+        "trials_total": len(tracker.trials),
+        "trials_finished": sum(r.status == "FINISHED" for r in trials),
+        "trials_failed": sum(r.status == "FAILED" for r in trials),
+        "trials_stopped_early": sum(r.stopped_early for r in trials),
+        "trials_lost": len(tracker.lost_trials()),
+        "search_wall_seconds": time.time() - started,
+        "cpu_seconds_total": sum((r.last or {}).get("cpu_seconds", 0.0) for r in trials),
+        "trials_scored_on_test": sum(r.test is not None for r in trials),
+    }
+    ranked = tracker.ranked()
+    if ranked:
+        totals["best_paper_distance"] = ranked[0].objective
+        if ranked[0].test:  # the closest trial (chosen on validation), on the test split
+            totals.update({f"closest_test_{k}": v for k, v in ranked[0].test.items() if "/" not in k})
+    return totals
+
+
+def _close(prepared: PreparedSearch, tracker, status: str, started: float) -> Outcome:
+    """Rank, register the closest trial, mark the Pareto front and close the parent run: done
+    whatever went wrong before, so the record is complete."""
+    ranked = tracker.ranked()
+    outcome = Outcome(status=status, ranked=ranked, totals=_totals(tracker, started))
+    try:  # whatever goes wrong while marking, the parent run is closed
+        if ranked:
+            outcome.registered_version = tracker.mark_closest(prepared.top_k, prepared.spec.registered_model)
+        if prepared.request.objective == "pareto":
+            outcome.front = report.pareto_front(ranked, prepared.spec.pareto)
+            tracker.tag_pareto_front(outcome.front)
+    finally:
+        tracker.finish_parent(status, outcome.totals)
+    return outcome
+
+
+def _search_and_score(prepared: PreparedSearch, tracker, resumed_counts, started: float) -> Outcome:
+    """The Tune search, then the test split once per trial; the parent run is closed either way."""
+    from tuning import holdout, ray_search
+
+    request, status, budget = prepared.request, "FAILED", None
     try:
-        budget = driver.run_search(request)
-        holdout.score_trials_on_test(tracker, request.model, prepared.test_data, request.storage_path,
+        budget = ray_search.run_search(request, [tracker.callback(prepared.trial_params)],
+                                       failed_before_resume=(resumed_counts or {}).get("failed", 0))
+        holdout.score_trials_on_test(tracker, prepared.spec, prepared.test_data, request.storage_path,
                                      request.cpus_per_worker, request.gpus_per_worker)
         status = "FAILED" if budget.exhausted else "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        ranked = tracker.ranked()
-        totals = {
-            "trials_total": len(tracker.trials),
-            "trials_finished": sum(r.status == "FINISHED" for r in tracker.trials.values()),
-            "trials_failed": sum(r.status == "FAILED" for r in tracker.trials.values()),
-            "trials_stopped_early": sum(r.stopped_early for r in tracker.trials.values()),
-            "trials_lost": len(tracker.lost_trials()),
-            "search_wall_seconds": time.time() - started,
-            "cpu_seconds_total": sum((r.last or {}).get("cpu_seconds", 0.0) for r in tracker.trials.values()),
-        }
-        if ranked:
-            totals["best_paper_distance"] = ranked[0].objective
-            if ranked[0].test:  # the closest trial (chosen on validation), on the test split
-                totals.update({f"closest_test_{k}": v for k, v in ranked[0].test.items() if "/" not in k})
-        totals["trials_scored_on_test"] = sum(r.test is not None for r in tracker.trials.values())
-        front, version = [], None
-        try:  # whatever goes wrong while marking, the parent run is closed and Ray stopped
-            version = tracker.mark_closest(prepared.top_k, REGISTERED_MODEL[request.model]) if ranked else None
-            if request.objective == "pareto":
-                front = report.pareto_front(ranked)
-                tracker.tag_pareto_front(front)
-        finally:
-            tracker.finish_parent(status, totals)
-            if started_ray:
-                driver.wait_for_placement_groups()
-                ray.shutdown()
+        outcome = _close(prepared, tracker, status, started)
+        outcome.budget, outcome.resumed_counts = budget, resumed_counts
+    return outcome
 
-    print()
-    paper_figures = ({"plan_success": prepared.targets[request.trainer_base.get("paper_target", "plan_success")]["value"]}
-                     if request.model == "planner" else None)
-    print(report.format_table(ranked[: prepared.top_k], prepared.targets,
-                              f"Closest to the paper on validation (best epoch of each trial, {len(ranked)} trials "
-                              "ranked), with each trial's test figures, scored once:",
-                              model=request.model, paper_figures=paper_figures))
-    if "prompt_template" in request.param_space:
-        headline = report.FIGURES[request.model][0]
-        print(report.format_template_summary(report.best_per_template(ranked, headline), headline))
-    if request.objective == "pareto":
-        print(report.format_table(front, prepared.targets, "Pareto front (recall up, tools retrieved down):"))
-    print(f"\n{totals['trials_finished']} finished ({totals['trials_stopped_early']} stopped early by ASHA), "
-          f"{totals['trials_failed']} failed, in {totals['search_wall_seconds']:.0f} s; "
-          f"{totals['trials_scored_on_test']} scored on the test split.")
-    unscored = [r.trial_id for r in ranked if r.checkpoint_path and r.test is None]
-    if unscored:
-        print(f"Not scored on test: {', '.join(unscored)} (the reason is in each run's test_error tag).")
-    if prepared.resume_parent_id:
-        lost = tracker.lost_trials()
-        print(f"Resumed: {found['finished'] + found['failed']} trials had ended before the driver stopped and "
-              f"were not trained again ({tracker.replayed} only replayed a result the saved state had missed); "
-              f"{found['interrupted'] - len(lost)} interrupted trials continued; {len(lost)} were lost"
-              + (f" ({', '.join(r.trial_id for r in lost)}: they started after the search last saved its state, "
-                 "so Tune ran new trials in their place)" if lost else "") + ".")
-    if version:
-        print(f"Registered {REGISTERED_MODEL[request.model]} version {version} as alias 'closest-to-paper'.")
-    print(f"MLflow: mlflow ui --backend-store-uri {prepared.tracking_uri} --host 127.0.0.1 --port 5000")
-    if budget is not None and budget.exhausted:
-        print(f"The search stopped early: {budget.failed} trials failed (--max-failed-trials {budget.limit}). "
-              "Each FAILED run in MLflow holds its error in the `error` tag.")
+
+def execute(prepared: PreparedSearch) -> int:
+    """Run the prepared search; returns the process exit code."""
+    import ray
+
+    from tuning import ray_search
+
+    request = prepared.request
+    started = time.time()
+    started_ray = ray_search.start_ray(request.address)
+    try:
+        # Before anything is written: a request no node can hold would leave every trial
+        # PENDING forever.
+        problem = ray_search.infeasible_request(request.workers_per_trial, request.cpus_per_worker,
+                                                request.gpus_per_worker)
+        if problem:
+            raise UserError(problem)
+        prepared.results_dir.mkdir(parents=True, exist_ok=True)
+        if prepared.base_build is not None:
+            _build_planner_base(prepared)
+        tracker, resumed_counts = _open_tracking(prepared)
+        outcome = _search_and_score(prepared, tracker, resumed_counts, started)
+    finally:
+        if started_ray:
+            ray_search.wait_for_placement_groups()
+            ray.shutdown()
+    outcome.family_bests = tracker.best_per_family(prepared.spec.task, prepared.dataset.split_fingerprint)
+    print(report.format_closing(prepared, outcome, tracker))
+    return exit_code(outcome)
+
+
+def exit_code(outcome: Outcome) -> int:
+    """1 when the failure budget ran out or no trial produced a result, else 0."""
+    if outcome.budget is not None and outcome.budget.exhausted:
         return 1
-    if not ranked:
-        print("No trial produced a result; see the errors above and the FAILED runs in MLflow.")
-        return 1
-    return 0
+    return 0 if outcome.ranked else 1

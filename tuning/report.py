@@ -1,21 +1,48 @@
-"""The closing table: the closest trials beside the paper's figures, the Pareto front, and the
-best figure each prompt template reached."""
+"""What a search prints: the data it found, and the closing table (the closest trials beside
+the paper's figures, the Pareto front, the best figure each template reached, and each model
+family's best on the same data)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from trainers import metric_names as names
+from trainers.data import Dataset
+from trainers.registry import ModelSpec
+from tuning.config import TEMPLATE_KEY
 from tuning.tracking import TrialRecord
 
-RECALL, COUNT = "tool_recall", "tool_count"
-# The headline figures of each model's table, and extra columns shown after them.
-FIGURES = {"toolrag": (RECALL, COUNT), "planner": ("plan_success",)}
-EXTRAS = {"toolrag": (), "planner": ("tool_set_accuracy", "plan_parse_rate", "eval_examples")}
+if TYPE_CHECKING:
+    from tuning.orchestrator import Outcome, PreparedSearch
 
 
-def pareto_front(records: list[TrialRecord]) -> list[TrialRecord]:
-    """Trials no other trial beats on both recall (higher) and tools retrieved (lower)."""
-    points = [(r, r.best[RECALL], r.best[COUNT]) for r in records if r.best]
+def format_data_summary(dataset: Dataset) -> str:
+    """What the splits hold and what could not be prevented."""
+    lines = [f"[data] {len(dataset.train)} train / {len(dataset.val)} validation (carved from the training file, "
+             f"--val-fraction {dataset.val_fraction:g}) / {len(dataset.test)} test examples; trials select on "
+             "validation, and test is scored once per trial after the search"]
+    if dataset.skipped_invalid:
+        lines.append(f"[data] --skip-invalid: left out {dataset.skipped_invalid} invalid records")
+    if dataset.skipped_without_plan:
+        lines.append(f"[data] left out {dataset.skipped_without_plan} records without a plan point")
+    lines.append(f"[data] {dataset.test_queries_in_train} test queries also occur in train (case and punctuation "
+                 "ignored)" + ("; their test figures are partly memory" if dataset.test_queries_in_train else ""))
+    if dataset.unparseable_targets:
+        kept = dataset.unparseable_targets - dataset.skipped_unparseable
+        lines.append(f"[data] {dataset.unparseable_targets} target plans do not parse, or parse to an empty plan, "
+                     f"with TinyAgent's parser (first: {dataset.first_unparseable}); "
+                     + ("--skip-invalid left them out" if not kept else
+                        f"{kept} are kept and every trial fails them (--skip-invalid leaves them out)"))
+    else:
+        lines.append("[data] every target plan parses with TinyAgent's parser")
+    return "\n".join(lines)
+
+
+def pareto_front(records: list[TrialRecord], figures: tuple[str, str]) -> list[TrialRecord]:
+    """Trials no other trial beats on both figures: the first higher (recall), the second lower
+    (tools retrieved)."""
+    up, down = figures
+    points = [(r, r.best[up], r.best[down]) for r in records if r.best]
     front = []
     for record, recall, count in points:
         dominated = any(
@@ -24,7 +51,7 @@ def pareto_front(records: list[TrialRecord]) -> list[TrialRecord]:
         )
         if not dominated:
             front.append(record)
-    return sorted(front, key=lambda r: -r.best[RECALL])
+    return sorted(front, key=lambda r: -r.best[up])
 
 
 def _inside(value: float, low: float, high: float) -> str:
@@ -39,54 +66,51 @@ def _interval_cell(figures: dict[str, float] | None, metric: str) -> tuple[str, 
     if not figures or metric not in figures:
         return "not scored", None, None
     low, high = figures[f"{metric}_ci_low"], figures[f"{metric}_ci_high"]
-    digits = 2 if metric == COUNT else 3
+    digits = 2 if metric == names.TOOL_COUNT else 3
     return f"{figures[metric]:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]", low, high
 
 
-def format_table(records: list[TrialRecord], targets: dict[str, dict[str, float]], title: str,
-                 model: str = "toolrag", paper_figures: dict[str, float] | None = None) -> str:
+def format_table(records: list[TrialRecord], spec: ModelSpec, paper: dict[str, float], title: str) -> str:
     """One line per trial, in the order given (ranked on validation): the validation distance
     and figures that ranked it, then its best checkpoint's figures on the test split with 95%
     CIs and whether the paper's figure lies inside each test interval, the model's extra
     columns (validation), and the searched params.
 
-    paper_figures: {metric: paper value} when a metric is scored against a differently named
-    target (the planner's plan_success against 0.78 or 0.8006); default: targets[metric].
+    paper: {headline figure: the paper's value} (ModelSpec.paper_figures).
     """
-    figures = FIGURES[model]
-    paper = {m: (paper_figures or {}).get(m, targets.get(m, {}).get("value")) for m in figures}
+    figures = spec.headline
     header = f"  {'rank':>4}  {'trial':<11} {'val dist':>8}  "
     header += "".join(f"{'val ' + m:>{len(m) + 4}}  {'test ' + m + ' [95% CI]':<31} {'paper in':>8}  " for m in figures)
-    header += "".join(f"{extra:>{max(len(extra), 8)}}  " for extra in EXTRAS[model]) + f"{'epoch':>5}  params"
+    header += "".join(f"{extra:>{max(len(extra), 8)}}  " for extra in spec.extra_columns) + f"{'epoch':>5}  params"
     lines = [title, "  paper: " + ", ".join(f"{m} {paper[m]:.4g}" for m in figures), header]
     for rank, record in enumerate(records, start=1):
         best = record.best
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(record.params.items()))
-        line = f"  {rank:>4}  {record.trial_id:<11} {best['paper_distance']:>8.2f}  "
+        line = f"  {rank:>4}  {record.trial_id:<11} {best[names.PAPER_DISTANCE]:>8.2f}  "
         for metric in figures:
             cell, low, high = _interval_cell(record.test, metric)
             inside = "-" if low is None else _inside(paper[metric], low, high)
             line += f"{best[metric]:>{len(metric) + 4}.3f}  {cell:<31} {inside:>8}  "
-        for extra in EXTRAS[model]:
+        for extra in spec.extra_columns:
             value = best.get(extra)
             line += f"{_number(value) if value is not None else '-':>{max(len(extra), 8)}}  "
-        lines.append(line + f"{int(best['epoch']):>5}  {params}")
+        lines.append(line + f"{int(best[names.EPOCH]):>5}  {params}")
     return "\n".join(lines)
 
 
 def best_per_template(records: list[TrialRecord], metric: str) -> dict[str, dict[str, Any]]:
-    """For each prompt template tried: the best validation value of `metric`, that trial's test
+    """For each template tried: the best validation value of `metric`, that trial's test
     figure, and how many trials tried it.
 
     Only whole-validation-split results count, so a trial stopped on a subset does not compete."""
     summary: dict[str, dict[str, Any]] = {}
     for record in records:
-        template = record.params.get("prompt_template")
+        template = record.params.get(TEMPLATE_KEY)
         if template is None or not record.best:
             continue
         entry = summary.setdefault(template, {"trials": 0, "best": None, "trial_id": None, "test": None})
         entry["trials"] += 1
-        if record.best.get("full_validation_set", 1.0) == 1.0 and metric in record.best:
+        if record.best.get(names.FULL_VALIDATION_SET, 1.0) == 1.0 and metric in record.best:
             if entry["best"] is None or record.best[metric] > entry["best"]:
                 entry["best"], entry["trial_id"] = record.best[metric], record.trial_id
                 entry["test"] = record.test
@@ -94,10 +118,74 @@ def best_per_template(records: list[TrialRecord], metric: str) -> dict[str, dict
 
 
 def format_template_summary(summary: dict[str, dict[str, Any]], metric: str) -> str:
-    lines = [f"Best {metric} per prompt template (chosen on the whole validation split; its test figure after):"]
+    lines = [f"Best {metric} per template (chosen on the whole validation split; its test figure after):"]
     for template, entry in sorted(summary.items(), key=lambda item: -(item[1]["best"] or -1.0)):
         figure = (f"validation {entry['best']:.3f}, test {_interval_cell(entry['test'], metric)[0]} "
                   f"(trial {entry['trial_id']})" if entry["best"] is not None
                   else "none scored on the whole validation split (stopped early)")
         lines.append(f"  {template:<12} {figure}, {entry['trials']} trial(s)")
     return "\n".join(lines)
+
+
+def format_family_comparison(bests: list[dict[str, Any]], spec: ModelSpec, paper: dict[str, float]) -> str:
+    """Each model family's closest trial (on validation) over every search of this task on the
+    same data split in the MLflow store, side by side; empty with fewer than two families."""
+    if len(bests) < 2:
+        return ""
+    lines = ["Best of each model on the same data split, across the searches in this MLflow store (closest to "
+             "the paper on validation; test scored once):",
+             "  paper: " + ", ".join(f"{m} {v:.4g}" for m, v in paper.items())]
+    header = f"  {'model':<16} {'val dist':>8}  "
+    header += "".join(f"{'val ' + m:>{len(m) + 4}}  {'test ' + m + ' [95% CI]':<31} " for m in spec.headline)
+    lines.append(header + "experiment / trial")
+    for best in bests:
+        line = f"  {best['model']:<16} {best['validation'][names.PAPER_DISTANCE]:>8.2f}  "
+        for metric in spec.headline:
+            value = best["validation"].get(metric)
+            shown = f"{value:.3f}" if value is not None else "-"
+            line += f"{shown:>{len(metric) + 4}}  {_interval_cell(best['test'], metric)[0]:<31} "
+        lines.append(line + f"{best['experiment']} / {best['trial_id']}")
+    return "\n".join(lines)
+
+
+def format_closing(prepared: "PreparedSearch", outcome: "Outcome", tracker) -> str:
+    """Everything printed after the search: the tables, the totals, where to look next."""
+    spec, request, ranked, totals = prepared.spec, prepared.request, outcome.ranked, outcome.totals
+    paper = spec.paper_figures(prepared.targets, request.trainer_base)
+    parts = ["", format_table(ranked[: prepared.top_k], spec, paper,
+                              f"Closest to the paper on validation (best epoch of each trial, {len(ranked)} trials "
+                              "ranked), with each trial's test figures, scored once:")]
+    if TEMPLATE_KEY in request.param_space:
+        headline = spec.headline[0]
+        parts.append(format_template_summary(best_per_template(ranked, headline), headline))
+    if request.objective == "pareto":
+        parts.append(format_table(outcome.front, spec, paper, "Pareto front (recall up, tools retrieved down):"))
+    comparison = format_family_comparison(outcome.family_bests, spec, paper)
+    if comparison:
+        parts.append(comparison)
+    parts.append(f"\n{totals['trials_finished']} finished ({totals['trials_stopped_early']} stopped early by ASHA), "
+                 f"{totals['trials_failed']} failed, in {totals['search_wall_seconds']:.0f} s; "
+                 f"{totals['trials_scored_on_test']} scored on the test split.")
+    unscored = [r.trial_id for r in ranked if r.checkpoint_path and r.test is None]
+    if unscored:
+        parts.append(f"Not scored on test: {', '.join(unscored)} (the reason is in each run's test_error tag).")
+    found = outcome.resumed_counts
+    if found is not None:
+        lost = tracker.lost_trials()
+        parts.append(
+            f"Resumed: {found['finished'] + found['failed']} trials had ended before the driver stopped and were not "
+            f"trained again ({tracker.replayed} only replayed a result the saved state had missed); "
+            f"{found['interrupted'] - len(lost)} interrupted trials continued; {len(lost)} were lost"
+            + (f" ({', '.join(r.trial_id for r in lost)}: they started after the search last saved its state, "
+               "so Tune ran new trials in their place)" if lost else "") + ".")
+    if outcome.registered_version:
+        parts.append(f"Registered {spec.registered_model} version {outcome.registered_version} as alias "
+                     "'closest-to-paper'.")
+    parts.append(f"MLflow: mlflow ui --backend-store-uri {prepared.tracking_uri} --host 127.0.0.1 --port 5000")
+    budget = outcome.budget
+    if budget is not None and budget.exhausted:
+        parts.append(f"The search stopped early: {budget.failed} trials failed (--max-failed-trials {budget.limit}). "
+                     "Each FAILED run in MLflow holds its error in the `error` tag.")
+    elif not ranked:
+        parts.append("No trial produced a result; see the errors above and the FAILED runs in MLflow.")
+    return "\n".join(parts)

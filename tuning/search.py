@@ -2,6 +2,7 @@
 
     python tuning/search.py --model toolrag                 # laptop default: local preset
     python tuning/search.py --model toolrag --smoke         # tiny model, a few trials, ~1-2 min
+    python tuning/search.py --model toolrag --preset linear # the linear baseline: TF-IDF + logistic regression
     python tuning/search.py --model toolrag --preset paper --address auto --data DIR --gpus-per-worker 1
     python tuning/search.py --model planner                 # laptop planner: builds a small base once
     python tuning/search.py --model planner --smoke
@@ -19,16 +20,18 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the project's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tuning.config import MODELS, PRESETS  # noqa: E402
+from trainers.registry import TASKS  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Ray Tune + Optuna search for TinyAgent training configurations.")
-    parser.add_argument("--model", required=True, choices=MODELS)
+    parser.add_argument("--model", required=True, choices=TASKS, help="which of TinyAgent's models to search for")
     parser.add_argument("--preset", default="local",
-                        help=f"{', '.join(PRESETS)} or a preset YAML file. paper: the paper's model (GPU cluster); "
-                             "local: laptop default; tiny: tests")
-    parser.add_argument("--smoke", action="store_true", help="tiny preset, a few trials, about a minute or two")
+                        help="a preset of search_spaces/presets/MODEL/ or a preset YAML file. paper: the paper's "
+                             "model (GPU cluster); local: laptop default; tiny: tests; linear (toolrag): TF-IDF and "
+                             "logistic regression, the linear baseline")
+    parser.add_argument("--smoke", action="store_true", help="a few trials at test size, about a minute or two: the preset's own "
+                                                             "PRESET-smoke if shipped (linear), else the tiny preset")
     parser.add_argument("--data", help="folder with training_data.json and testing_data.json, or the hub id "
                                        "squeeze-ai-lab/TinyAgent-dataset (default: synthetic data, generated once)")
     parser.add_argument("--skip-invalid", action="store_true",

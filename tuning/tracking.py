@@ -20,7 +20,22 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from trainers import metric_names as names
+
 PARENT_TAG = "mlflow.parentRunId"
+# `search`: "parent" on a search's run, "trial" on each trial's.
+SEARCH_TAG = "search"
+TRIAL_ID_TAG = "trial_id"
+ERROR_TAG = "error"
+# On a trial's run: the worker group was restarted (a lost node, a resumed search), and from
+# which epoch's checkpoint.
+RETRIED_TAG = "retried"
+RESUMED_FROM_EPOCH_TAG = "resumed_from_epoch"
+STOPPED_EARLY_TAG = "stopped_early"
+CLOSEST_RANK_TAG = "closest_to_paper_rank"
+PARETO_FRONT_TAG = "pareto_front"
+# On every trial's run: which model of which task, on which data split (see trial_tags).
+TASK_TAG, FAMILY_TAG, MODEL_TAG, DATA_SPLIT_TAG = "task", "family", "model", "data_split"
 # On a trial's run: the driver stopped while it ran (SIGKILL, a lost head). The run was closed
 # as KILLED when the search resumed, and reopened if the trial resumed with it.
 INTERRUPTED_TAG = "interrupted_by_driver_stop"
@@ -28,17 +43,23 @@ CHECKPOINT_TAG = "checkpoint_path"
 # Result keys worth a per-epoch curve in MLflow; the rest are Ray's bookkeeping.
 # Every one is a validation figure: the test split is scored once per trial, after the search,
 # and logged under TEST_PREFIX.
-EPOCH_METRIC_PREFIXES = ("tool_", "paper_distance", "best_paper_distance", "train_loss", "recall/",
-                         "padding_waste", "cpu_seconds", "gpu_seconds", "plan_", "strict_plan_", "empty_output_rate",
-                         "eval_examples", "full_validation_set", "resumed_from_epoch", "examples_over_max_length",
-                         "prompts_cut")
+EPOCH_METRIC_PREFIXES = ("tool_", names.PAPER_DISTANCE, names.BEST_PAPER_DISTANCE, names.TRAIN_LOSS,
+                         names.PER_TOOL_RECALL_PREFIX, names.PADDING_WASTE, names.CPU_SECONDS, names.GPU_SECONDS,
+                         "plan_", names.STRICT_PLAN_SUCCESS, names.EMPTY_OUTPUT_RATE, names.EVAL_EXAMPLES,
+                         names.FULL_VALIDATION_SET, names.RESUMED_FROM_EPOCH, names.EXAMPLES_OVER_MAX_LENGTH,
+                         names.PROMPTS_CUT)
 TEST_PREFIX = "test_"
 # Set on a trial's run when scoring its checkpoint on the test split raised.
 TEST_ERROR_TAG = "test_error"
 # Best-epoch figures copied to `final_*` metrics when a trial ends (those a model reports).
-FINAL_KEYS = ("tool_recall", "tool_recall_ci_low", "tool_recall_ci_high", "tool_count", "tool_count_ci_low",
-              "tool_count_ci_high", "tool_precision", "plan_success", "plan_success_ci_low", "plan_success_ci_high",
-              "tool_set_accuracy", "plan_parse_rate", "strict_plan_success", "eval_examples", "paper_distance", "epoch")
+FINAL_KEYS = (names.TOOL_RECALL, *names.interval(names.TOOL_RECALL), names.TOOL_COUNT, *names.interval(names.TOOL_COUNT),
+              names.TOOL_PRECISION, names.PLAN_SUCCESS, *names.interval(names.PLAN_SUCCESS), names.TOOL_SET_ACCURACY,
+              names.PLAN_PARSE_RATE, names.STRICT_PLAN_SUCCESS, names.EVAL_EXAMPLES, names.PAPER_DISTANCE, names.EPOCH,
+              names.FULL_VALIDATION_SET)
+FINAL_PREFIX = "final_"
+# Per-trial cost figures copied from the last report when a trial ends.
+COST_KEYS = (names.CPU_SECONDS, names.GPU_SECONDS, names.TRAIN_FN_SECONDS, names.DATA_PREP_SECONDS,
+             names.MEAN_INPUT_TOKENS)
 
 
 @dataclass
@@ -64,7 +85,7 @@ class TrialRecord:
 
     @property
     def objective(self) -> float:
-        return self.best["paper_distance"] if self.best else math.inf
+        return self.best[names.PAPER_DISTANCE] if self.best else math.inf
 
 
 def _better(result: dict[str, Any], best: dict[str, Any] | None) -> bool:
@@ -79,24 +100,27 @@ def _better(result: dict[str, Any], best: dict[str, Any] | None) -> bool:
     full, best_full = _full_validation(result), _full_validation(best)
     if full != best_full:
         return full
-    return result["paper_distance"] < best["paper_distance"]
+    return result[names.PAPER_DISTANCE] < best[names.PAPER_DISTANCE]
 
 
 def _full_validation(result: dict[str, Any]) -> bool:
     """Whether a result scores the whole validation split (every ToolRAG epoch does)."""
-    return result.get("full_validation_set", 1.0) == 1.0
+    return result.get(names.FULL_VALIDATION_SET, 1.0) == 1.0
 
 
 class SearchTracker:
     """Owns the parent run and the child runs; `callback()` plugs it into Tune."""
 
-    def __init__(self, tracking_uri: str, experiment_name: str, max_epochs: int, artifact_location: str | None = None):
+    def __init__(self, tracking_uri: str, mlflow_experiment: str, max_epochs: int, artifact_location: str | None = None,
+                 trial_tags: dict[str, str] | None = None):
         """artifact_location: where a new experiment keeps artifacts. Left None, a sqlite store
-        puts them in ./mlruns of whatever directory the search was started from."""
+        puts them in ./mlruns of whatever directory the search was started from. trial_tags: set
+        on every trial's run (which model, task and data split: see `best_per_family`)."""
         self.client = MlflowClient(tracking_uri=tracking_uri)
-        experiment = self.client.get_experiment_by_name(experiment_name)
+        experiment = self.client.get_experiment_by_name(mlflow_experiment)
         self.experiment_id = (experiment.experiment_id if experiment
-                              else self.client.create_experiment(experiment_name, artifact_location=artifact_location))
+                              else self.client.create_experiment(mlflow_experiment, artifact_location=artifact_location))
+        self.trial_tags = dict(trial_tags or {})
         self.max_epochs = max_epochs
         self.parent_run_id: str | None = None
         self.trials: dict[str, TrialRecord] = {}
@@ -106,7 +130,7 @@ class SearchTracker:
     # ----- parent run -------------------------------------------------------------------
     def start_parent(self, run_name: str, params: dict[str, Any], tags: dict[str, str], files: list[Path]) -> str:
         run = self.client.create_run(self.experiment_id, run_name=run_name,
-                                     tags={"search": "parent", **tags, **driver_identity()})
+                                     tags={SEARCH_TAG: "parent", **tags, **driver_identity()})
         self.parent_run_id = run.info.run_id
         self._log_params(self.parent_run_id, params)
         for path in files:
@@ -182,39 +206,39 @@ class SearchTracker:
                 self.client.log_batch(record.run_id, tags=[RunTag("resumed_after_driver_stop", "true")])
                 self.client.update_run(record.run_id, status="RUNNING")
             record.status = "RUNNING"
-            self.client.set_tag(record.run_id, "retried", "true")
+            self.client.set_tag(record.run_id, RETRIED_TAG, "true")
             return
         run = self.client.create_run(
             self.experiment_id, run_name=f"trial-{trial_id}",
-            tags={PARENT_TAG: self.parent_run_id or "", "trial_id": trial_id, "search": "trial"},
+            tags={PARENT_TAG: self.parent_run_id or "", TRIAL_ID_TAG: trial_id, SEARCH_TAG: "trial", **self.trial_tags},
         )
         self.trials[trial_id] = TrialRecord(trial_id, run.info.run_id, dict(params))
         self._log_params(run.info.run_id, {**fixed, **params})
 
     def trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         record = self.trials.get(trial_id)
-        if record is None or "epoch" not in result or record.ended_before_resume:
+        if record is None or names.EPOCH not in result or record.ended_before_resume:
             return
-        epoch = int(result["epoch"])
+        epoch = int(result[names.EPOCH])
         record.epochs, record.last = epoch, dict(result)
         if _better(result, record.best):
             record.best = dict(result)
-        if result.get("checkpoint_path"):  # only best-so-far epochs carry a checkpoint
-            record.checkpoint_path = result["checkpoint_path"]
+        if result.get(names.CHECKPOINT_PATH):  # only best-so-far epochs carry a checkpoint
+            record.checkpoint_path = result[names.CHECKPOINT_PATH]
             # Kept on the run so a resumed search can still register this trial's model.
             self.client.set_tag(record.run_id, CHECKPOINT_TAG, record.checkpoint_path)
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, epoch) for k, v in result.items()
                    if k.startswith(EPOCH_METRIC_PREFIXES) and isinstance(v, (int, float)) and math.isfinite(v)]
         self.client.log_batch(record.run_id, metrics=metrics)
-        if result.get("resumed_from_epoch"):  # the worker group was restarted: say so, once per restart
-            resumed = str(int(result["resumed_from_epoch"]))
+        if result.get(names.RESUMED_FROM_EPOCH):  # the worker group was restarted: say so, once per restart
+            resumed = str(int(result[names.RESUMED_FROM_EPOCH]))
             if record.resumed_from != resumed:
                 record.resumed_from = resumed
-                self.client.log_batch(record.run_id, tags=[RunTag("retried", "true"),
-                                                           RunTag("resumed_from_epoch", resumed)])
-        if isinstance(result.get("sample_plans"), str):  # what the model wrote, for a person to read
-            self.client.log_text(record.run_id, result["sample_plans"], f"sample_plans/epoch-{epoch:03d}.json")
+                self.client.log_batch(record.run_id, tags=[RunTag(RETRIED_TAG, "true"),
+                                                           RunTag(RESUMED_FROM_EPOCH_TAG, resumed)])
+        if isinstance(result.get(names.SAMPLE_PLANS), str):  # what the model wrote, for a person to read
+            self.client.log_text(record.run_id, result[names.SAMPLE_PLANS], f"sample_plans/epoch-{epoch:03d}.json")
 
     def trial_ended(self, trial_id: str, status: str, error: str | None = None,
                     params: dict[str, Any] | None = None, fixed: dict[str, Any] | None = None) -> None:
@@ -233,14 +257,14 @@ class SearchTracker:
         if record.best:
             for key in FINAL_KEYS:
                 if key in record.best:
-                    final[f"final_{key}"] = record.best[key]
+                    final[FINAL_PREFIX + key] = record.best[key]
         if record.last:
-            for key in ("cpu_seconds", "gpu_seconds", "train_fn_seconds", "data_prep_seconds", "mean_input_tokens"):
+            for key in COST_KEYS:
                 if key in record.last:
                     final[key] = record.last[key]
-        tags = [RunTag("stopped_early", str(record.stopped_early).lower()), RunTag("trial_status", status)]
+        tags = [RunTag(STOPPED_EARLY_TAG, str(record.stopped_early).lower()), RunTag("trial_status", status)]
         if error:
-            tags.append(RunTag("error", error[-4000:]))
+            tags.append(RunTag(ERROR_TAG, error[-4000:]))
         self.client.log_batch(record.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in final.items()], tags=tags)
         self.client.set_terminated(record.run_id, status=status)
 
@@ -272,7 +296,7 @@ class SearchTracker:
         """
         ranked = self.ranked()
         for rank, record in enumerate(ranked[:k], start=1):
-            self.client.set_tag(record.run_id, "closest_to_paper_rank", str(rank))
+            self.client.set_tag(record.run_id, CLOSEST_RANK_TAG, str(rank))
         with_checkpoint = [r for r in ranked if r.checkpoint_path and Path(r.checkpoint_path).is_dir()]
         if not with_checkpoint:
             return None
@@ -285,14 +309,49 @@ class SearchTracker:
         source = f"{self.client.get_run(best.run_id).info.artifact_uri}/model"
         tags = {"validation_paper_distance": f"{best.objective:.4f}"}
         if best.test:
-            tags["test_paper_distance"] = f"{best.test['paper_distance']:.4f}"
+            tags["test_paper_distance"] = f"{best.test[names.PAPER_DISTANCE]:.4f}"
         version = self.client.create_model_version(registered_model_name, source, run_id=best.run_id, tags=tags)
         self.client.set_registered_model_alias(registered_model_name, alias, version.version)
         return version.version
 
+    def best_per_family(self, task: str, data_split: str) -> list[dict[str, Any]]:
+        """Each model family's closest trial (on validation) among every search of `task` on the
+        same data split, in any experiment of this store: a linear and a transformer search land
+        side by side whichever experiment each ran in.
+
+        Only trials that ended on the whole validation split count; the returned dicts hold
+        family, model, experiment, trial_id, run_id, validation (best-epoch figures, no
+        prefix) and test (None when not scored), best family first.
+        """
+        experiments = {e.experiment_id: e.name for e in self.client.search_experiments()}
+        query = (f"tags.{SEARCH_TAG} = 'trial' and tags.{TASK_TAG} = '{task}' "
+                 f"and tags.{DATA_SPLIT_TAG} = '{data_split}'")
+        runs = self.client.search_runs(list(experiments), query, max_results=5000)
+        distance_key = FINAL_PREFIX + names.PAPER_DISTANCE
+        full_key = FINAL_PREFIX + names.FULL_VALIDATION_SET
+        best: dict[str, Any] = {}
+        for run in runs:
+            metrics = run.data.metrics
+            if distance_key not in metrics or metrics.get(full_key, 1.0) != 1.0:
+                continue
+            family = run.data.tags.get(FAMILY_TAG, "")
+            if family not in best or metrics[distance_key] < best[family].data.metrics[distance_key]:
+                best[family] = run
+        found = []
+        for family, run in best.items():
+            metrics = run.data.metrics
+            found.append({
+                "family": family, "model": run.data.tags.get(MODEL_TAG, family),
+                "experiment": experiments.get(run.info.experiment_id, run.info.experiment_id),
+                "trial_id": run.data.tags.get(TRIAL_ID_TAG, run.info.run_name), "run_id": run.info.run_id,
+                "validation": {k[len(FINAL_PREFIX):]: v for k, v in metrics.items() if k.startswith(FINAL_PREFIX)},
+                "test": {k[len(TEST_PREFIX):]: v for k, v in metrics.items() if k.startswith(TEST_PREFIX)} or None,
+            })
+        return sorted(found, key=lambda b: b["validation"][names.PAPER_DISTANCE])
+
     def tag_pareto_front(self, records: list[TrialRecord]) -> None:
         for record in records:
-            self.client.set_tag(record.run_id, "pareto_front", "true")
+            self.client.set_tag(record.run_id, PARETO_FRONT_TAG, "true")
 
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
         items = [Param(str(k), str(v)[:6000]) for k, v in params.items()]
@@ -301,6 +360,29 @@ class SearchTracker:
 
     def callback(self, fixed_params: dict[str, Any]) -> "MlflowTrialCallback":
         return MlflowTrialCallback(self, fixed_params)
+
+
+def redact_uri(uri: str) -> str:
+    """A URI safe to log: no user:password@, and no query values (S3 URIs can carry keys)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if "://" not in uri:
+        return uri
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None and not parts.query:
+        return uri
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    query = "&".join(f"{item.split('=', 1)[0]}=REDACTED" for item in parts.query.split("&") if item)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a sqlite:/// tracking URI, or None for another store."""
+    if tracking_uri.startswith("sqlite:///"):
+        return Path(tracking_uri[len("sqlite:///"):])
+    return None
 
 
 def driver_identity() -> dict[str, str]:
@@ -323,18 +405,18 @@ def _record_from_run(client: MlflowClient, run, searched_keys: list[str]) -> Tri
     for key in run.data.metrics:
         if key.startswith(EPOCH_METRIC_PREFIXES):
             for point in client.get_metric_history(run.info.run_id, key):
-                results.setdefault(point.step, {"epoch": point.step})[key] = point.value
+                results.setdefault(point.step, {names.EPOCH: point.step})[key] = point.value
     params = {k: _param_value(v) for k, v in run.data.params.items() if k in searched_keys}
-    record = TrialRecord(run.data.tags.get("trial_id", run.info.run_name), run.info.run_id, params,
+    record = TrialRecord(run.data.tags.get(TRIAL_ID_TAG, run.info.run_name), run.info.run_id, params,
                          started=run.info.start_time / 1000, status=run.info.status,
                          checkpoint_path=run.data.tags.get(CHECKPOINT_TAG),
-                         stopped_early=run.data.tags.get("stopped_early") == "true",
-                         error=run.data.tags.get("error"), resumed_from=run.data.tags.get("resumed_from_epoch"))
+                         stopped_early=run.data.tags.get(STOPPED_EARLY_TAG) == "true",
+                         error=run.data.tags.get(ERROR_TAG), resumed_from=run.data.tags.get(RESUMED_FROM_EPOCH_TAG))
     test = {key[len(TEST_PREFIX):]: value for key, value in run.data.metrics.items() if key.startswith(TEST_PREFIX)}
     record.test = test or None
     for epoch in sorted(results):
         result = results[epoch]
-        if "paper_distance" not in result:
+        if names.PAPER_DISTANCE not in result:
             continue
         record.epochs, record.last = epoch, result
         if _better(result, record.best):
@@ -372,12 +454,12 @@ def _error_text(trial) -> str:
     return str(error) if error else "trial raised (no error text recorded)"
 
 
-def latest_search(tracking_uri: str, experiment_name: str):
+def latest_search(tracking_uri: str, mlflow_experiment: str):
     """The most recently started search (parent run) of an experiment, or None."""
     client = MlflowClient(tracking_uri=tracking_uri)
-    experiment = client.get_experiment_by_name(experiment_name)
+    experiment = client.get_experiment_by_name(mlflow_experiment)
     if experiment is None:
         return None
-    runs = client.search_runs([experiment.experiment_id], "tags.search = 'parent'",
+    runs = client.search_runs([experiment.experiment_id], f"tags.{SEARCH_TAG} = 'parent'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None

@@ -1,19 +1,20 @@
-"""Builds and runs the Tune search: Optuna proposes, ASHA stops, Ray Train trains.
+"""Builds and runs the Tune search on Ray: Optuna proposes, ASHA stops, Ray Train trains.
 
-Each Tune trial is a small function trainable (`trial_driver`) that fits a `TorchTrainer`
+Each Tune trial is a small function trainable (`fit_trial`) that fits a `TorchTrainer`
 running the model's `train_fn_per_worker` (the Train V2 shape; passing a trainer to the
 Tuner is the deprecated V1 API). The trial itself asks for almost no CPU, so the cores go
-to Train workers.
+to Train workers. "Driver" means one thing here: the search process, Ray's driver.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from trainers import metric_names as names
 
 # Train's controller polls its workers every 2 s by default; at 0.2 s a finished trial
 # releases its CPU ~4 s sooner, which matters when trials last a minute. Must be set before
@@ -25,30 +26,28 @@ LOCAL_RAY_ENV = {
     # transformers prints a per-tensor load report for every truncated or re-headed model.
     "TRANSFORMERS_VERBOSITY": "error",
 }
-# The trial driver only waits on its TorchTrainer. It asks for no CPU (a fraction such as 0.01
+# A trial's trainable only waits on its TorchTrainer. It asks for no CPU (a fraction such as 0.01
 # would leave 1.98 of 2 CPUs, so the second trial's 1-CPU worker never fits) and a token of
 # memory, because Tune needs a non-empty resource request. It runs on the head node, beside the
 # search driver: a lost worker node then takes only Train workers, which restart from the
 # trial's checkpoint, and never the trial itself.
-TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 64 * 1024 * 1024, "node:__internal_head__": 0.001}
+TRIAL_RESOURCES = {"cpu": 0, "memory": 64 * 1024 * 1024, "node:__internal_head__": 0.001}
 PLACEMENT_GROUP_WAIT_S = 30.0
 # Where `ray up` leaves the autoscaler's config on the head node.
 AUTOSCALING_CONFIG = Path("~/ray_bootstrap_config.yaml")
-SCHEDULER_METRIC = {"toolrag": "best_paper_distance", "planner": "best_early_stop_score"}
 # Tune saves the search's state (trials, searcher) at most every 10 s by default; whatever
 # happened since is unknown to `--resume` after a crash. The state is small, so save often.
 EXPERIMENT_STATE_PERIOD_S = "2"
-# Beside each trial's Train run: its final result, written by the driver when the trial ends.
-# A resumed search replays it instead of training a finished trial again.
-FINAL_RESULT_FILE = "final_result.json"
 
 
-@dataclass
+@dataclass(frozen=True)
 class SearchRequest:
-    """Everything the search needs, already validated."""
+    """Everything the Tune run needs, already validated."""
 
+    # The registry name of the model trained (trainers/registry.py).
     model: str
-    experiment_name: str
+    # The Tune run's folder under STORAGE/tune, and the prefix of its trials' Train runs.
+    tune_run_name: str
     storage_path: str
     trainer_base: dict[str, Any]
     param_space: dict[str, dict[str, Any]]
@@ -66,25 +65,11 @@ class SearchRequest:
     reduction_factor: int
     time_budget_s: float | None
     address: str | None
-    callbacks: list[Any] = field(default_factory=list)
     trial_max_failures: int = 0
     max_failed_trials: int | None = None
     retries_per_trial: int = 2
-    # Continue the interrupted Tune run named experiment_name instead of starting one.
+    # Continue the interrupted Tune run named tune_run_name instead of starting one.
     resume: bool = False
-    failed_before_resume: int = 0
-
-
-def train_fn_for(model: str) -> Callable[[dict[str, Any]], None]:
-    if model == "toolrag":
-        from trainers.toolrag import train_fn_per_worker
-
-        return train_fn_per_worker
-    if model == "planner":
-        from trainers.planner import train_fn_per_worker
-
-        return train_fn_per_worker
-    raise ValueError(f"no trainer for model {model!r}")
 
 
 def max_epochs(trainer_base: dict[str, Any], param_space: dict[str, dict[str, Any]]) -> int:
@@ -105,48 +90,22 @@ def scaling_config(workers: int, cpus_per_worker: float, gpus_per_worker: float)
     return ScalingConfig(num_workers=workers, use_gpu=bool(gpus_per_worker), resources_per_worker=resources)
 
 
-def train_run_name(experiment_name: str, trial_id: str) -> str:
+def train_run_name(tune_run_name: str, trial_id: str) -> str:
     # Stable per trial, so a retried or resumed trial finds its Train run (and checkpoint) again.
-    return f"{experiment_name}-{trial_id}"
+    return f"{tune_run_name}-{trial_id}"
 
 
-def _final_result_file(train_storage_path: str, run_name: str):
-    """(pyarrow filesystem, path) of a trial's final-result file, on local or cloud storage."""
-    from pyarrow import fs
-
-    filesystem, root = fs.FileSystem.from_uri(train_storage_path)
-    return filesystem, f"{root}/{run_name}/{FINAL_RESULT_FILE}"
-
-
-def read_final_result(train_storage_path: str, run_name: str) -> dict[str, Any] | None:
-    from pyarrow import fs
-
-    filesystem, path = _final_result_file(train_storage_path, run_name)
-    if filesystem.get_file_info(path).type == fs.FileType.NotFound:
-        return None
-    with filesystem.open_input_stream(path) as stream:
-        return json.loads(stream.read())
-
-
-def write_final_result(train_storage_path: str, run_name: str, result: dict[str, Any]) -> None:
-    from ray.tune.result import AUTO_RESULT_KEYS
-
-    filesystem, path = _final_result_file(train_storage_path, run_name)
-    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    kept = {k: v for k, v in result.items()
-            if k not in AUTO_RESULT_KEYS and k != "done" and isinstance(v, (int, float, str, bool))}
-    with filesystem.open_output_stream(path) as stream:
-        stream.write(json.dumps(kept).encode())
-
-
-def trial_driver(config: dict[str, Any], static: dict[str, Any]) -> None:
+def fit_trial(config: dict[str, Any], static: dict[str, Any]) -> None:
     """The Tune trainable: one trial = one TorchTrainer fit with this config."""
     from ray import tune
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    run_name = train_run_name(static["experiment_name"], tune.get_context().get_trial_id())
+    from trainers.registry import MODELS
+    from tuning.resume import read_final_result
+
+    run_name = train_run_name(static["tune_run_name"], tune.get_context().get_trial_id())
     final = read_final_result(static["train_storage_path"], run_name)
     if final is not None:
         # The driver stopped after this trial ended but before Tune saved that; the resumed
@@ -154,7 +113,7 @@ def trial_driver(config: dict[str, Any], static: dict[str, Any]) -> None:
         tune.report({**final, "replayed_final_result": 1})
         return
     trainer = TorchTrainer(
-        train_fn_for(static["model"]),
+        MODELS[static["model"]].train_fn_per_worker,
         train_loop_config={"trainer": {**static["trainer_base"], **config}, "data": static["data_ref"],
                            "data_fingerprint": static["data_fingerprint"]},
         scaling_config=scaling_config(static["workers_per_trial"], static["cpus_per_worker"], static["gpus_per_worker"]),
@@ -189,12 +148,13 @@ def _tune_space(param_space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return converted
 
 
-def objective_setup(objective: str) -> tuple[str | list[str], str | list[str]]:
+def objective_setup(objective: str, pareto: tuple[str, str] | None) -> tuple[str | list[str], str | list[str]]:
     """(metric, mode) for Optuna. `distance` minimises best_paper_distance (the best epoch,
-    not the last); `pareto` trades recall (up) against tools retrieved (down)."""
+    not the last); `pareto` trades the model's first pareto figure (up, recall) against its
+    second (down, tools retrieved)."""
     if objective == "pareto":
-        return ["tool_recall", "tool_count"], ["max", "min"]
-    return "best_paper_distance", "min"
+        return list(pareto), ["max", "min"]
+    return names.BEST_PAPER_DISTANCE, "min"
 
 
 def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
@@ -300,20 +260,6 @@ def default_concurrency(request: SearchRequest) -> int:
     return max(1, limit)
 
 
-def final_result_recorder(experiment_name: str, train_storage_path: str):
-    """A Tune callback that writes each ended trial's last result beside its Train run (see
-    FINAL_RESULT_FILE): trials that finished or that ASHA stopped."""
-    from ray import tune
-
-    class _FinalResults(tune.Callback):
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            if trial.last_result:
-                write_final_result(train_storage_path, train_run_name(experiment_name, trial.trial_id),
-                                   trial.last_result)
-
-    return _FinalResults()
-
-
 class FailureBudget:
     """Counts failed trials (as a Tune callback) and ends the search (as its stopper) once
     `limit` have failed, so a broken setting cannot burn a cluster's hours trial after trial."""
@@ -346,17 +292,22 @@ class FailureBudget:
         return self.limit is not None and self.failed >= self.limit
 
 
-def run_search(request: SearchRequest) -> FailureBudget:
-    """Run the search on the connected Ray cluster; returns the failure count and budget."""
+def run_search(request: SearchRequest, callbacks: list[Any], failed_before_resume: int = 0) -> FailureBudget:
+    """Run the search on the connected Ray cluster, with `callbacks` (the MLflow tracker's) on
+    Tune's trial events; returns the failure count and budget."""
     import optuna
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from trainers.registry import MODELS
+    from tuning.resume import final_result_recorder
+
+    spec = MODELS[request.model]
     static = {
         "model": request.model,
-        "experiment_name": request.experiment_name,
+        "tune_run_name": request.tune_run_name,
         "trainer_base": request.trainer_base,
         "data_ref": ray.put(request.data),
         "data_fingerprint": request.data_fingerprint,
@@ -366,10 +317,10 @@ def run_search(request: SearchRequest) -> FailureBudget:
         "train_storage_path": storage_join(request.storage_path, "train"),
         "retries_per_trial": request.retries_per_trial,
     }
-    budget = FailureBudget(request.max_failed_trials, failed=request.failed_before_resume)
-    trainable = tune.with_resources(tune.with_parameters(trial_driver, static=static), TRIAL_DRIVER_RESOURCES)
-    callbacks = [*request.callbacks, budget.callback,
-                 final_result_recorder(request.experiment_name, static["train_storage_path"])]
+    budget = FailureBudget(request.max_failed_trials, failed=failed_before_resume)
+    trainable = tune.with_resources(tune.with_parameters(fit_trial, static=static), TRIAL_RESOURCES)
+    callbacks = [*callbacks, budget.callback,
+                 final_result_recorder(request.tune_run_name, static["train_storage_path"])]
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", EXPERIMENT_STATE_PERIOD_S)
     if request.resume:
         # The searcher (with Optuna's study), the scheduler and every trial's state come back
@@ -379,16 +330,16 @@ def run_search(request: SearchRequest) -> FailureBudget:
         # tracker; this driver's take their place.
         run_config = tuner._local_tuner.get_run_config()
         run_config.callbacks, run_config.stop = callbacks, budget.stopper
-        print(f"[search] resuming {request.experiment_name} from {tune_run_path(request)}", flush=True)
+        print(f"[search] resuming {request.tune_run_name} from {tune_run_path(request)}", flush=True)
     else:
-        metric, mode = objective_setup(request.objective)
+        metric, mode = objective_setup(request.objective, spec.pareto)
         sampler = (optuna.samplers.TPESampler(seed=request.seed) if request.objective != "pareto"
                    else optuna.samplers.TPESampler(seed=request.seed, multivariate=False))
         searcher = OptunaSearch(metric=metric, mode=mode, points_to_evaluate=request.warm_start or None,
                                 sampler=sampler)
         # ASHA needs one scalar: the distance to the paper, best epoch so far, in both modes (for
         # the planner with a tie-break, see trainers/planner.py).
-        scheduler = ASHAScheduler(time_attr="training_iteration", metric=SCHEDULER_METRIC[request.model], mode="min",
+        scheduler = ASHAScheduler(time_attr="training_iteration", metric=spec.scheduler_metric, mode="min",
                                   max_t=max_epochs(request.trainer_base, request.param_space),
                                   grace_period=request.grace_period, reduction_factor=request.reduction_factor)
         max_concurrent = request.max_concurrent or default_concurrency(request)
@@ -403,7 +354,7 @@ def run_search(request: SearchRequest) -> FailureBudget:
                 reuse_actors=False, time_budget_s=request.time_budget_s,
             ),
             run_config=tune.RunConfig(
-                name=request.experiment_name, storage_path=storage_join(request.storage_path, "tune"),
+                name=request.tune_run_name, storage_path=storage_join(request.storage_path, "tune"),
                 callbacks=callbacks, stop=budget.stopper,
                 failure_config=tune.FailureConfig(max_failures=request.trial_max_failures), verbose=1,
             ),
@@ -422,4 +373,4 @@ def storage_join(storage: str, *parts: str) -> str:
 
 def tune_run_path(request: SearchRequest) -> str:
     """Where Tune keeps this search's state: STORAGE/tune/<run name>."""
-    return storage_join(request.storage_path, "tune", request.experiment_name)
+    return storage_join(request.storage_path, "tune", request.tune_run_name)
