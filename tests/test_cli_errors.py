@@ -147,17 +147,15 @@ def test_uris_are_logged_without_credentials():
 def interrupted_search(tmp_path) -> tuple[Path, list[str]]:
     """A results folder as a killed `--smoke` search leaves it before Tune saved any state:
     its data and an MLflow parent run still RUNNING, with the params that search logged."""
-    from tuning.orchestrator import prepare, redact_uri
+    from tuning.orchestrator import prepare
     from tuning.search import parse_args
     from tuning.tracking import SearchTracker
 
     results = tmp_path / "results"
     args = ["--model", "toolrag", "--smoke", "--results-dir", str(results)]
     prepared = prepare(parse_args(args))
-    tracker = SearchTracker(prepared.tracking_uri, prepared.experiment_name, max_epochs=3)
-    tracker.start_parent(prepared.run_name, prepared.parent_params,
-                         {"storage": redact_uri(prepared.request.storage_path),
-                          "experiment_name": prepared.request.experiment_name}, [])
+    tracker = SearchTracker(prepared.tracking_uri, prepared.mlflow_experiment, max_epochs=3)
+    tracker.start_parent(prepared.parent_run_name, prepared.parent_params, prepared.parent_tags, [])
     # The pid of a driver that is gone.
     tracker.client.set_tag(tracker.parent_run_id, "driver_pid", "999999999")
     return results, args

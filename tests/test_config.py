@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
+from trainers.registry import MODELS
 from trainers.toolrag import ToolRAGConfig
 from tuning import config
 from tuning.config import UserError, load_preset, load_search_space, load_targets
@@ -40,14 +41,15 @@ def presets_using(space_file: Path) -> list[dict[str, Any]]:
 @pytest.mark.parametrize("preset_file", PRESET_FILES, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_every_shipped_preset_loads(preset_file):
     raw = yaml.safe_load(preset_file.read_text())
-    preset = load_preset(preset_file.parent.name, preset_file.stem)
-    assert preset.model.name_or_path == raw["model"].get("name_or_path")
+    preset, spec = load_preset(preset_file.parent.name, preset_file.stem)
+    assert spec.task == preset_file.parent.name and spec.family == raw.get("family", "transformer")
+    assert (preset.model.name_or_path if preset.model else None) == (raw.get("model") or {}).get("name_or_path")
     assert preset.trainer == (raw.get("trainer") or {})
     assert preset.search.num_samples == raw["search"]["num_samples"]
     # The space it names is shipped, and accepts this preset's trainer settings.
     space_path = SPACES / preset.search.space
     assert space_path.is_file(), preset.search.space
-    load_search_space(preset_file.parent.name, space_path, preset.trainer)
+    load_search_space(spec, space_path, preset.trainer)
 
 
 @pytest.mark.parametrize("space_file", SPACE_FILES, ids=lambda p: p.name)
@@ -55,7 +57,7 @@ def test_every_shipped_space_loads(space_file):
     raw = yaml.safe_load(space_file.read_text())
     model = raw["model"]
     for base_trainer in [{}, *presets_using(space_file)]:
-        space = load_search_space(model, space_file, base_trainer)
+        space = load_search_space(MODELS[model], space_file, base_trainer)
         assert set(space.parameters) == set(raw["parameters"])
         assert len(space.warm_start) == len(raw.get("warm_start") or [])
 
@@ -63,7 +65,7 @@ def test_every_shipped_space_loads(space_file):
 @pytest.mark.parametrize("space_file", SPACE_FILES, ids=lambda p: p.name)
 def test_every_searched_key_is_a_field_of_its_models_trainer_config(space_file):
     raw = yaml.safe_load(space_file.read_text())
-    fields = set(config.TRAINER_CONFIGS[raw["model"]].model_fields)
+    fields = set(MODELS[raw["model"]].config_class.model_fields)
     searched = set(raw["parameters"])
     assert searched, "a space must search something"
     assert searched <= fields, searched - fields
@@ -75,10 +77,10 @@ def test_shipped_warm_starts_include_the_reproduction_recipe(space_file):
     batch 8 and LoRA r 16 / alpha 16 / dropout 0.1 in the instruction format (and, at paper
     scale, its lr 7e-5 and 3 epochs); the smoke space's tiny model takes its own LoRA sizes."""
     model = yaml.safe_load(space_file.read_text())["model"]
-    space = load_search_space(model, space_file, {})
+    space = load_search_space(MODELS[model], space_file, {})
     assert space.warm_start, space_file
     first = space.warm_start[0]
-    if model == "toolrag":
+    if MODELS[model].task == "toolrag":
         assert first["pos_weight"] == 60.0 and first["prompt_template"] == "query"
     elif space_file.name != "planner-smoke.yaml":
         assert first["prompt_template"] == "instruct" and first["batch_size"] == 8
@@ -89,7 +91,7 @@ def test_shipped_warm_starts_include_the_reproduction_recipe(space_file):
 
 def test_a_space_for_another_model_is_refused():
     with pytest.raises(UserError) as caught:
-        load_search_space("planner", SPACES / "toolrag.yaml", {})
+        load_search_space(MODELS["planner"], SPACES / "toolrag.yaml", {})
     assert str(SPACES / "toolrag.yaml") in str(caught.value)
 
 
@@ -119,7 +121,7 @@ def write_space(folder: Path, space: Any) -> Path:
 
 
 def test_the_valid_space_used_below_loads(tmp_path):
-    space = load_search_space("toolrag", write_space(tmp_path, VALID_SPACE), {})
+    space = load_search_space(MODELS["toolrag"], write_space(tmp_path, VALID_SPACE), {})
     assert set(space.parameters) == set(VALID_SPACE["parameters"])
 
 
@@ -173,7 +175,7 @@ BAD_SPACES = [
 def test_bad_space_raises_user_error_naming_file_and_key(tmp_path, space, expected):
     path = write_space(tmp_path, space)
     with pytest.raises(UserError) as caught:
-        load_search_space("toolrag", path, {})
+        load_search_space(MODELS["toolrag"], path, {})
     message = str(caught.value)
     assert str(path) in message
     assert expected in message
@@ -192,7 +194,7 @@ def test_invalid_yaml_raises_user_error_naming_the_file(tmp_path, text):
     with pytest.raises(yaml.YAMLError):
         yaml.safe_load(text)  # guard: the text really is invalid YAML
     with pytest.raises(UserError) as caught:
-        load_search_space("toolrag", path, {})
+        load_search_space(MODELS["toolrag"], path, {})
     assert str(path) in str(caught.value)
     assert "YAML" in str(caught.value)
 
@@ -200,7 +202,7 @@ def test_invalid_yaml_raises_user_error_naming_the_file(tmp_path, text):
 def test_a_missing_space_file_raises_user_error(tmp_path):
     path = tmp_path / "nope.yaml"
     with pytest.raises(UserError) as caught:
-        load_search_space("toolrag", path, {})
+        load_search_space(MODELS["toolrag"], path, {})
     assert str(path) in str(caught.value)
 
 
@@ -208,14 +210,14 @@ def test_a_base_trainer_setting_the_space_conflicts_with_is_reported(tmp_path):
     """Every sampled value is checked together with the preset's trainer settings."""
     path = write_space(tmp_path, VALID_SPACE)
     with pytest.raises(UserError) as caught:
-        load_search_space("toolrag", path, {"max_length": 4})  # ToolRAGConfig needs >= 8
+        load_search_space(MODELS["toolrag"], path, {"max_length": 4})  # ToolRAGConfig needs >= 8
     assert str(path) in str(caught.value) and "max_length" in str(caught.value)
 
 
 def test_an_infinite_bound_is_refused(tmp_path):
     path = write_space(tmp_path, mutated(lambda s: param(s, "pos_weight").update(high=float("inf"))))
     with pytest.raises(UserError) as caught:
-        load_search_space("toolrag", path, {})
+        load_search_space(MODELS["toolrag"], path, {})
     assert "parameters.pos_weight" in str(caught.value)
 
 
@@ -244,7 +246,7 @@ def test_bad_preset_raises_user_error_naming_file_and_key(tmp_path, edit, expect
     """Presets given as files (--preset my.yaml) go through the same checks as shipped ones."""
     good = copy.deepcopy(VALID_PRESET)
     (tmp_path / "good.yaml").write_text(yaml.safe_dump(good))
-    assert load_preset("toolrag", str(tmp_path / "good.yaml")).trainer == good["trainer"]  # guard: the base is valid
+    assert load_preset("toolrag", str(tmp_path / "good.yaml"))[0].trainer == good["trainer"]  # guard: the base is valid
     bad = copy.deepcopy(VALID_PRESET)
     edit(bad)
     path = tmp_path / "bad.yaml"
@@ -337,7 +339,7 @@ def test_a_preset_is_a_shipped_name_or_a_yaml_file(tmp_path):
 
 def _layer(tmp_path, preset_trainer: dict[str, Any], space: dict[str, Any] = VALID_SPACE):
     path = write_space(tmp_path, space)
-    loaded = load_search_space(space["model"], path, {})
+    loaded = load_search_space(MODELS[space["model"]], path, {})
     return config.layer_preset_over_space(preset_trainer, tmp_path / "preset.yaml", loaded, path)
 
 
@@ -387,9 +389,9 @@ def test_the_paper_presets_values_for_searched_keys_are_the_first_trial(model):
     """pos_weight 60 in the ToolRAG paper preset, and the planner's LoRA settings, used to be
     dropped silently; now they are what the search tries first."""
     preset_file = SPACES / "presets" / model / "paper.yaml"
-    preset = load_preset(model, "paper")
+    preset, spec = load_preset(model, "paper")
     space_file = SPACES / preset.search.space
-    space = load_search_space(model, space_file, preset.trainer)
+    space = load_search_space(spec, space_file, preset.trainer)
     fixed, warm = config.layer_preset_over_space(preset.trainer, preset_file, space, space_file)
     searched_in_preset = {k: v for k, v in preset.trainer.items() if k in space.parameters}
     assert searched_in_preset, "the paper presets set searched keys"

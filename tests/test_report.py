@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from trainers.registry import MODELS
 from tuning.report import format_table, pareto_front
 from tuning.tracking import TrialRecord
 
 TARGETS = {"tool_recall": {"value": 0.99, "tolerance": 0.01}, "tool_count": {"value": 3.97, "tolerance": 0.1}}
+TOOLRAG = MODELS["toolrag"]
+PAPER = TOOLRAG.paper_figures(TARGETS, {})
 
 
 def _record(trial_id: str, recall: float, count: float, low: float, high: float) -> TrialRecord:
@@ -22,7 +25,7 @@ def test_pareto_front_keeps_only_undominated_trials():
     c = _record("c", 0.89, 3.0, 0.85, 0.93)  # worse than b on both: dominated
     d = _record("d", 0.99, 4.5, 0.98, 1.0)   # same recall as a, more tools: dominated
     e = _record("e", 0.95, 3.2, 0.93, 0.97)  # between a and b: on the front
-    assert [r.trial_id for r in pareto_front([a, b, c, d, e])] == ["a", "e", "b"]
+    assert [r.trial_id for r in pareto_front([a, b, c, d, e], TOOLRAG.pareto)] == ["a", "e", "b"]
 
 
 def _tested(record: TrialRecord, recall: float, count: float, low: float, high: float) -> TrialRecord:
@@ -37,7 +40,7 @@ def test_table_says_whether_the_paper_figure_is_inside_each_test_interval():
     inside = _tested(_record("inside", 0.90, 2.0, 0.88, 0.92), 0.985, 3.95, 0.975, 0.995)
     outside = _tested(_record("outside", 0.985, 3.95, 0.975, 0.995), 0.90, 2.0, 0.88, 0.92)
     untested = _record("untested", 0.985, 3.95, 0.975, 0.995)
-    lines = format_table([inside, outside, untested], TARGETS, "title").splitlines()
+    lines = format_table([inside, outside, untested], TOOLRAG, PAPER, "title").splitlines()
     row_inside = next(line for line in lines if "inside" in line)
     row_outside = next(line for line in lines if "outside" in line)
     row_untested = next(line for line in lines if "untested" in line)

@@ -131,7 +131,7 @@ def test_a_long_search_leaks_nothing(soak_search, ray_2_cpus, mlflow_runs):
         groups = [pg for pg in placement_group_table().values() if pg["state"] != "REMOVED"]
         trial_actors = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
                         if a.class_name in ("TrainController", "RayTrainWorker", "ImplicitFunc")
-                        or "trial_driver" in (a.class_name or "")]
+                        or "fit_trial" in (a.class_name or "")]
         cpus = ray_2_cpus.available_resources().get("CPU", 0)
         if (not groups and not trial_actors and cpus == 2) or time.time() > deadline:
             break
