@@ -154,7 +154,7 @@ def test_planner_smoke_search_tracks_trials_templates_and_plans(tmp_path, mlflow
     again = subprocess.run(command + ["--num-samples", "1"], cwd=PROJECT, capture_output=True,
                            text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "[base] using the local planner base cached" in again.stdout
+    assert "[base] using the base model cached" in again.stdout
 
 
 @pytest.mark.ray

@@ -179,3 +179,12 @@ def build_base(target: Path, system_prompts: list[str], questions: list[str], ar
             raise
     progress(f"[base] built in {time.perf_counter() - started:.0f} s")
     return target
+
+
+def build_base_from_examples(target: Path, examples: list, architecture: dict[str, Any],
+                             settings: BaseBuildSettings, progress: Callable[[str], None] = print) -> Path:
+    """`build_base` from a training split's records: their system prompts and their questions
+    (never their target plans, which the fine-tuning must teach)."""
+    system_prompts = [content for e in examples for role, content in e.messages if role == "system"]
+    questions = [content for e in examples for role, content in e.messages if role != "system"]
+    return build_base(target, system_prompts, questions, architecture, settings, progress)

@@ -14,7 +14,7 @@ from typing import Any, Callable
 from pydantic import BaseModel
 
 from trainers import metric_names as names
-from trainers import planner, toolrag, toolrag_linear
+from trainers import planner, planner_base, toolrag, toolrag_linear
 from trainers.data import message_plan_split, query_label_split
 from trainers.planner_prompts import PLANNER_TEMPLATES
 
@@ -47,12 +47,19 @@ class ModelSpec:
     pareto: tuple[str, str] | None = None
     # Whether the preset names a pretrained model (`model.name_or_path`); a linear model has none.
     needs_model_source: bool = True
-    # Whether the preset may build the base model itself (`model.build_base`).
-    builds_base: bool = False
+    # When the preset may build the base model itself (`model.build_base`): the folder it goes
+    # to, (cache root, data split fingerprint, architecture, settings) -> Path, and the builder,
+    # (folder, training examples, architecture, settings, progress) -> Path.
+    base_folder: Callable[..., Path] | None = None
+    base_builder: Callable[..., Path] | None = None
     # (model folder, templates the search uses) -> why that folder cannot serve, or None.
     check_model_folder: Callable[[Path, set[str]], str | None] | None = None
     # The config key naming which target paper_distance measures from, when there is a choice.
     paper_target_key: str | None = None
+
+    @property
+    def builds_base(self) -> bool:
+        return self.base_builder is not None
 
     def paper_figures(self, targets: dict[str, dict[str, float]], trainer_settings: dict[str, Any]) -> dict[str, float]:
         """{headline figure: the paper's value it is compared with}."""
@@ -83,7 +90,8 @@ MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
               target_metrics=(names.PLAN_SUCCESS, names.PLAN_SUCCESS_WITH_TOOLRAG), headline=(names.PLAN_SUCCESS,),
               extra_columns=(names.TOOL_SET_ACCURACY, names.PLAN_PARSE_RATE, names.EVAL_EXAMPLES),
               scheduler_metric=names.BEST_EARLY_STOP_SCORE, registered_model="tinyagent-planner",
-              builds_base=True, check_model_folder=planner.check_model_folder, paper_target_key="paper_target"),
+              base_folder=planner_base.base_cache_dir, base_builder=planner_base.build_base_from_examples,
+              check_model_folder=planner.check_model_folder, paper_target_key="paper_target"),
 )}
 
 TASKS: tuple[str, ...] = tuple(dict.fromkeys(spec.task for spec in MODELS.values()))

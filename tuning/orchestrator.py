@@ -26,7 +26,6 @@ from typing import Any
 from trainers import synthetic
 from trainers.data import HUB_DATASET_ID, Dataset, load_dataset_dir
 from trainers.models import resolve_source
-from trainers.planner_base import base_cache_dir
 from trainers.registry import ModelSpec
 from tuning import report
 from tuning.config import (
@@ -67,7 +66,7 @@ class Inputs:
     # The preset's settings the space does not search, and the warm starts (see config.py).
     preset_fixed: dict[str, Any]
     warm_start: list[dict[str, Any]]
-    # A local model folder, or where the planner base will be built (`builds_base`).
+    # A local model folder, or where the base will be built (`builds_base`).
     model_path: Path | None
     model_source: str | None
     builds_base: bool
@@ -241,8 +240,8 @@ def load_inputs(args: argparse.Namespace, locations: Locations) -> Inputs:
     preset_fixed, warm_start = layer_preset_over_space(preset.trainer, preset_file, space, space_file)
     dataset = _load_data(args, preset, locations.results_dir)
     if builds_base:
-        model_path = base_cache_dir(locations.results_dir / "cache", dataset.split_fingerprint,
-                                    preset.model.architecture, preset.model.build_base)
+        model_path = spec.base_folder(locations.results_dir / "cache", dataset.split_fingerprint,
+                                      preset.model.architecture, preset.model.build_base)
         model_source = f"built from config: {model_path}"
     return Inputs(spec=spec, preset=preset, preset_name=preset_name, preset_file=preset_file, space=space,
                   space_file=space_file, targets=targets, mlflow_experiment=mlflow_experiment,
@@ -373,21 +372,17 @@ class Outcome:
     family_bests: list = field(default_factory=list)
 
 
-def _build_planner_base(prepared: PreparedSearch) -> None:
-    """Build the local planner base once, before Ray starts, using every core of this machine."""
+def _build_base(prepared: PreparedSearch) -> None:
+    """Build the model's base once, before Ray starts, using every core of this machine."""
     import torch
 
-    from trainers.planner_base import build_base
-
     build = prepared.base_build
-    if (Path(build["target"]) / "base.json").exists():
-        print(f"[base] using the local planner base cached in {build['target']}", flush=True)
+    if Path(build["target"]).is_dir():  # built atomically: a folder there is complete
+        print(f"[base] using the base model cached in {build['target']}", flush=True)
         return
     torch.set_num_threads(os.cpu_count() or 1)
-    system_prompts = [content for e in prepared.dataset.train for role, content in e.messages if role == "system"]
-    questions = [content for e in prepared.dataset.train for role, content in e.messages if role != "system"]
-    build_base(Path(build["target"]), system_prompts, questions, build["architecture"], build["settings"],
-               progress=lambda line: print(line, flush=True))
+    prepared.spec.base_builder(Path(build["target"]), prepared.dataset.train, build["architecture"],
+                               build["settings"], progress=lambda line: print(line, flush=True))
 
 
 def _open_tracking(prepared: PreparedSearch):
@@ -488,7 +483,7 @@ def execute(prepared: PreparedSearch) -> int:
             raise UserError(problem)
         prepared.results_dir.mkdir(parents=True, exist_ok=True)
         if prepared.base_build is not None:
-            _build_planner_base(prepared)
+            _build_base(prepared)
         tracker, resumed_counts = _open_tracking(prepared)
         outcome = _search_and_score(prepared, tracker, resumed_counts, started)
     finally:
