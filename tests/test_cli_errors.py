@@ -79,6 +79,12 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "too little data to carve validation": (["--data", str(_write_data(tmp / "d4", {"k1": good}, {"t": good}))],
                                                 "validation"),
         "preset value outside the space": (["--preset", str(_preset_outside_space(tmp))], "batch_size"),
+        "linear with a model path": (["--preset", "linear", "--model-path", str(minilm)], "trained from nothing"),
+        "linear space for the transformer": (["--space", str(PROJECT / "search_spaces" / "toolrag-linear.yaml")],
+                                             "for 'toolrag-linear', not 'toolrag'"),
+        "preset of an unknown family": (["--preset", str(_linear_preset(tmp, family="forest"))], "family"),
+        "linear preset with a model source": (
+            ["--preset", str(_linear_preset(tmp, model={"name_or_path": str(minilm)}))], "takes no model source"),
     }
 
 
@@ -89,8 +95,20 @@ CASE_NAMES = [
     "unknown preset", "bad experiment name", "planner pareto", "planner chat without template",
     "planner space of toolrag", "address unreachable", "storage under a file", "resume without a search",
     "val fraction zero", "val fraction too large", "too little data to carve validation",
-    "preset value outside the space",
+    "preset value outside the space", "linear with a model path", "linear space for the transformer",
+    "preset of an unknown family", "linear preset with a model source",
 ]
+
+
+def _linear_preset(tmp: Path, **changes) -> Path:
+    """The shipped linear preset with `changes` at its top level."""
+    import yaml
+
+    preset = yaml.safe_load((PROJECT / "search_spaces" / "presets" / "toolrag" / "linear.yaml").read_text())
+    preset.update(changes)
+    path = tmp / f"linear-{'-'.join(changes)}.yaml"
+    path.write_text(yaml.safe_dump(preset))
+    return path
 
 
 def _preset_outside_space(tmp: Path) -> Path:

@@ -401,3 +401,18 @@ def test_the_paper_presets_values_for_searched_keys_are_the_first_trial(model):
         assert warm[0]["pos_weight"] == 60.0
     else:
         assert (warm[0]["lora_r"], warm[0]["lora_alpha"], warm[0]["lora_dropout"]) == (16, 16, 0.1)
+
+
+def test_smoke_runs_a_presets_own_smoke_variant_or_the_tiny_transformer():
+    from tuning.orchestrator import smoke_preset
+
+    assert smoke_preset("toolrag", "linear") == "linear-smoke"
+    assert smoke_preset("toolrag", "local") == "tiny" and smoke_preset("planner", "paper") == "tiny"
+    preset, spec = load_preset("toolrag", smoke_preset("toolrag", "linear"))
+    assert spec.family == "linear" and preset.search.num_samples < load_preset("toolrag", "linear")[0].search.num_samples
+
+
+def test_a_preset_chooses_its_model_family():
+    assert load_preset("toolrag", "linear")[1] is MODELS["toolrag-linear"]
+    assert load_preset("toolrag", "local")[1] is MODELS["toolrag"]
+    assert "linear" in config.shipped_presets("toolrag") and "linear" not in config.shipped_presets("planner")

@@ -103,6 +103,57 @@ def test_no_placement_group_is_left_and_every_cpu_is_free(smoke_search, ray_2_cp
 SOAK_TRIALS = 30
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_linear_baseline_runs_as_a_search_recorded_like_the_transformer(smoke_search, mlflow_runs, capsys):
+    """`--preset linear --smoke` in the transformer search's store: the same params and metrics
+    per trial (plus its own settings), its fitted pipeline registered under its own name, and
+    the closing table putting the best of each model side by side."""
+    from trainers.toolrag_linear import load_checkpoint
+    from tuning.orchestrator import execute, prepare
+    from tuning.search import parse_args
+
+    root = smoke_search["root"]
+    capsys.readouterr()
+    args = parse_args(["--model", "toolrag", "--preset", "linear", "--smoke", "--results-dir", str(root),
+                       "--tracking-uri", smoke_search["uri"], "--storage", str(root / "storage"),
+                       "--experiment-name", "linear"])
+    assert execute(prepare(args)) == 0
+    printed = capsys.readouterr().out
+    client, linear = mlflow_runs(smoke_search["uri"], "linear", "trial")
+    _, transformer = mlflow_runs(smoke_search["uri"], "smoke", "trial")
+    assert len(linear) == 4 and all(run.info.status == "FINISHED" for run in linear)
+    shared_params = {"pos_weight", "prompt_template", "seed", "preset", "model_source", "data_fingerprint",
+                     "threshold", "max_train_examples", "max_eval_examples", "epochs"}
+    shared_metrics = {"tool_recall", "tool_recall_ci_low", "tool_recall_ci_high", "tool_count", "tool_precision",
+                      "recall/send_sms", "paper_distance", "best_paper_distance", "train_loss", "cpu_seconds",
+                      "final_tool_recall", "final_paper_distance", "test_tool_recall", "test_tool_count_ci_high",
+                      "test_paper_distance", "trial_wall_seconds"}
+    for run in linear:
+        assert shared_params <= set(run.data.params) and {"C", "word_ngram_max", "char_ngram_max"} <= set(run.data.params)
+        assert shared_metrics <= set(run.data.metrics), shared_metrics - set(run.data.metrics)
+        assert run.data.tags["family"] == "linear" and run.data.tags["model"] == "toolrag-linear"
+        assert run.data.params["data_fingerprint"] == transformer[0].data.params["data_fingerprint"]
+        assert run.data.metrics["test_eval_examples"] == 500  # no cap: the whole test split, once
+    for run in transformer:
+        assert shared_params <= set(run.data.params) and shared_metrics <= set(run.data.metrics) | {
+            "test_tool_recall", "test_tool_count_ci_high", "test_paper_distance"}
+    version = client.get_model_version_by_alias("tinyagent-toolrag-linear", "closest-to-paper")
+    closest = next(run for run in linear if run.data.tags.get("closest_to_paper_rank") == "1")
+    assert version.run_id == closest.info.run_id
+    import mlflow
+
+    folder = mlflow.artifacts.download_artifacts(f"runs:/{closest.info.run_id}/model", tracking_uri=smoke_search["uri"])
+    pipeline, config = load_checkpoint(folder)
+    assert config.pos_weight == float(closest.data.params["pos_weight"])
+    assert pipeline.predict_proba(["Text Sid that I am late"]).shape == (1, 16)
+    # Side by side: the best linear and the best transformer trial, each with its test figures.
+    table = printed[printed.index("Best of each model"):]
+    rows = {line.split()[0]: line for line in table.splitlines()[3:5]}
+    assert set(rows) == {"toolrag", "toolrag-linear"}
+    assert f"linear / {closest.data.tags['trial_id']}" in rows["toolrag-linear"]
+
+
 @pytest.fixture(scope="module")
 def soak_search(ray_2_cpus, tmp_path_factory):
     """30 tiny trials with early stopping, on the test's Ray, so leaks can be counted after."""

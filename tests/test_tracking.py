@@ -142,3 +142,40 @@ def test_test_figures_are_logged_once_and_play_no_part_in_the_ranking(tmp_path):
     resumed.reattach(parent_id, [])
     assert resumed.trials["val-best"].test["plan_success"] == 0.40
     assert resumed.trials["val-worse"].test["paper_distance"] == 0.0
+
+
+def _toolrag_trial(tracker: SearchTracker, trial_id: str, distance: float, full: bool = True) -> None:
+    tracker.trial_started(trial_id, {"pos_weight": 60.0}, {})
+    tracker.trial_result(trial_id, {"epoch": 1, "tool_recall": 0.99, "tool_count": 3.0, "paper_distance": distance,
+                                    "full_validation_set": float(full)})
+    tracker.trial_ended(trial_id, "FINISHED")
+
+
+def test_each_familys_best_is_found_across_experiments_on_the_same_data_split_only(tmp_path):
+    """The closing table's side-by-side comparison: every search of the task on the same data
+    split counts, whichever experiment it ran in; other data and other tasks do not."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+
+    def search(experiment: str, family: str, split: str, task: str = "toolrag") -> SearchTracker:
+        tracker = SearchTracker(uri, experiment, max_epochs=1, trial_tags={
+            "model": f"{task}-{family}", "task": task, "family": family, "data_split": split})
+        tracker.start_parent("parent", {}, {}, [])
+        return tracker
+
+    transformer = search("transformer-search", "transformer", "split-a")
+    _toolrag_trial(transformer, "t-far", 9.0)
+    _toolrag_trial(transformer, "t-near", 4.0)
+    transformer.record_test("t-near", {"tool_recall": 0.98, "paper_distance": 5.0}, [])
+    linear = search("linear-search", "linear", "split-a")
+    _toolrag_trial(linear, "l-near", 2.0)
+    _toolrag_trial(linear, "l-subset", 0.5, full=False)  # scored on a subset only: never the best
+    other_data = search("other-data", "linear", "split-b")
+    _toolrag_trial(other_data, "l-other-data", 0.1)
+    other_task = search("planner-search", "transformer", "split-a", task="planner")
+    _toolrag_trial(other_task, "p-other-task", 0.1)
+
+    bests = transformer.best_per_family("toolrag", "split-a")
+    assert [(b["family"], b["trial_id"], b["experiment"]) for b in bests] == [
+        ("linear", "l-near", "linear-search"), ("transformer", "t-near", "transformer-search")]
+    assert bests[0]["validation"]["paper_distance"] == 2.0 and bests[0]["test"] is None
+    assert bests[1]["test"] == {"tool_recall": 0.98, "paper_distance": 5.0}

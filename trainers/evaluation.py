@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from trainers import metric_names as names
 from trainers.tools import NUM_TOOLS, TOOL_NAMES
 
 Z_95 = 1.959963984540054
@@ -83,16 +84,16 @@ class ToolRetrievalCounts:
         count_low, count_high = mean_interval(count_sum, count_sq, n)
         predicted_total = float(tp.sum() + fp.sum())
         result = {
-            "tool_recall": hits / n if n else 0.0,
-            "tool_recall_ci_low": recall_low,
-            "tool_recall_ci_high": recall_high,
-            "tool_count": count_sum / n if n else 0.0,
-            "tool_count_ci_low": count_low,
-            "tool_count_ci_high": count_high,
-            "tool_precision": float(tp.sum()) / predicted_total if predicted_total else 0.0,
-            "eval_examples": n,
+            names.TOOL_RECALL: hits / n if n else 0.0,
+            names.TOOL_RECALL + names.CI_LOW: recall_low,
+            names.TOOL_RECALL + names.CI_HIGH: recall_high,
+            names.TOOL_COUNT: count_sum / n if n else 0.0,
+            names.TOOL_COUNT + names.CI_LOW: count_low,
+            names.TOOL_COUNT + names.CI_HIGH: count_high,
+            names.TOOL_PRECISION: float(tp.sum()) / predicted_total if predicted_total else 0.0,
+            names.EVAL_EXAMPLES: n,
         }
         for index, name in enumerate(TOOL_NAMES):
             support = float(tp[index] + fn[index])
-            result[f"recall/{name}"] = float(tp[index]) / support if support else 1.0
+            result[names.PER_TOOL_RECALL_PREFIX + name] = float(tp[index]) / support if support else 1.0
         return result

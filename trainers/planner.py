@@ -35,7 +35,6 @@ from trainers.tools import END_OF_PLAN
 
 # The reproduction's LoRA targets: every attention and MLP projection of a Llama block.
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-PLANNER_METRICS = ("plan_success", "plan_success_with_toolrag")
 
 
 class Target(BaseModel):
@@ -224,14 +223,14 @@ def plan_metrics(sums: torch.Tensor) -> dict[str, float]:
     n, successes, tool_sets, parsed, empty, strict = (float(v) for v in sums)
     low, high = wilson_interval(successes, n)
     return {
-        "plan_success": successes / n if n else 0.0,
-        "plan_success_ci_low": low,
-        "plan_success_ci_high": high,
-        "tool_set_accuracy": tool_sets / n if n else 0.0,
-        "plan_parse_rate": parsed / n if n else 0.0,
-        "strict_plan_success": strict / n if n else 0.0,
-        "empty_output_rate": empty / n if n else 0.0,
-        "eval_examples": n,
+        names.PLAN_SUCCESS: successes / n if n else 0.0,
+        names.PLAN_SUCCESS + names.CI_LOW: low,
+        names.PLAN_SUCCESS + names.CI_HIGH: high,
+        names.TOOL_SET_ACCURACY: tool_sets / n if n else 0.0,
+        names.PLAN_PARSE_RATE: parsed / n if n else 0.0,
+        names.STRICT_PLAN_SUCCESS: strict / n if n else 0.0,
+        names.EMPTY_OUTPUT_RATE: empty / n if n else 0.0,
+        names.EVAL_EXAMPLES: n,
     }
 
 
@@ -256,7 +255,7 @@ def evaluate(model, tokenizer, examples: list[dict[str, Any]], config: PlannerCo
     samples = [{"question": next((c for r, c in e["messages"] if r == "user"), ""), "generated": text,
                 "target": e["plan"] + END_OF_PLAN, "plan_success": plan_success(text, e["plan"])}
                for e, text in list(zip(mine, predicted))[: config.sample_plans]]
-    return {**plan_metrics(sums), "prompts_cut": prompts_cut}, samples
+    return {**plan_metrics(sums), names.PROMPTS_CUT: prompts_cut}, samples
 
 
 def lora_state(model) -> dict[str, torch.Tensor]:
@@ -415,7 +414,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     run_epochs(PlannerTrainer(PlannerConfig.model_validate(loop_config["trainer"])), loop_config)
 
 
-def score_checkpoint(directory: str, examples: list[dict[str, Any]], device: torch.device | None = None,
+def score_checkpoint(directory: str, split: list[dict[str, Any]], device: torch.device | None = None,
                      max_examples: int | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """A trial's checkpoint scored on held-out examples (the test split, once per trial, after
     the search): (metrics, sample plans). Metrics are `plan_metrics` plus `paper_distance` from
@@ -425,7 +424,7 @@ def score_checkpoint(directory: str, examples: list[dict[str, Any]], device: tor
     model, tokenizer, config = load_checkpoint(directory)
     model.to(device)
     limit = max_examples if max_examples is not None else config.max_eval_examples
-    metrics, samples = evaluate(model, tokenizer, examples[:limit], config, device, rank=0, world=1)
+    metrics, samples = evaluate(model, tokenizer, split[:limit], config, device, rank=0, world=1)
     target = {config.paper_target: config.targets[config.paper_target].model_dump()}
-    metrics["paper_distance"] = paper_distance({config.paper_target: metrics["plan_success"]}, target)
+    metrics[names.PAPER_DISTANCE] = paper_distance({config.paper_target: metrics[names.PLAN_SUCCESS]}, target)
     return metrics, samples

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainers import metric_names as names
 from trainers import synthetic
 from trainers.data import HUB_DATASET_ID, Dataset, load_dataset_dir
 from trainers.models import resolve_source
@@ -418,7 +419,7 @@ def _totals(tracker, started: float) -> dict[str, float]:
         "trials_stopped_early": sum(r.stopped_early for r in trials),
         "trials_lost": len(tracker.lost_trials()),
         "search_wall_seconds": time.time() - started,
-        "cpu_seconds_total": sum((r.last or {}).get("cpu_seconds", 0.0) for r in trials),
+        "cpu_seconds_total": sum((r.last or {}).get(names.CPU_SECONDS, 0.0) for r in trials),
         "trials_scored_on_test": sum(r.test is not None for r in trials),
     }
     ranked = tracker.ranked()
