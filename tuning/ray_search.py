@@ -292,19 +292,69 @@ class FailureBudget:
         return self.limit is not None and self.failed >= self.limit
 
 
-def run_search(request: SearchRequest, callbacks: list[Any], failed_before_resume: int = 0) -> FailureBudget:
-    """Run the search on the connected Ray cluster, with `callbacks` (the MLflow tracker's) on
-    Tune's trial events; returns the failure count and budget."""
+def _restored_tuner(request: SearchRequest, trainable, callbacks: list[Any], budget: FailureBudget):
+    """The interrupted Tune run, to continue: the searcher (with Optuna's study), the scheduler
+    and every trial's state come back from its saved state; ended trials stay as they ended."""
+    from ray import tune
+
+    tuner = tune.Tuner.restore(tune_run_path(request), trainable, resume_unfinished=True, resume_errored=False)
+    # Callbacks and stoppers are pickled with the original run, bound to the dead driver's
+    # tracker; this driver's take their place.
+    run_config = tuner._local_tuner.get_run_config()
+    run_config.callbacks, run_config.stop = callbacks, budget.stopper
+    print(f"[search] resuming {request.tune_run_name} from {tune_run_path(request)}", flush=True)
+    return tuner
+
+
+def _new_tuner(request: SearchRequest, trainable, callbacks: list[Any], budget: FailureBudget):
+    """A new Tune run: Optuna's TPE (seeded) proposes, the warm starts go first, ASHA stops."""
     import optuna
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     from trainers.registry import MODELS
-    from tuning.resume import final_result_recorder
 
     spec = MODELS[request.model]
+    metric, mode = objective_setup(request.objective, spec.pareto)
+    sampler = (optuna.samplers.TPESampler(seed=request.seed) if request.objective != "pareto"
+               else optuna.samplers.TPESampler(seed=request.seed, multivariate=False))
+    searcher = OptunaSearch(metric=metric, mode=mode, points_to_evaluate=request.warm_start or None, sampler=sampler)
+    # ASHA needs one scalar, lower is better: the model's own (the distance to the paper, best
+    # epoch so far; for the planner with a tie-break, see trainers/planner.py), in both modes.
+    scheduler = ASHAScheduler(time_attr="training_iteration", metric=spec.scheduler_metric, mode="min",
+                              max_t=max_epochs(request.trainer_base, request.param_space),
+                              grace_period=request.grace_period, reduction_factor=request.reduction_factor)
+    max_concurrent = request.max_concurrent or default_concurrency(request)
+    print(f"[search] {request.num_samples} trials, up to {max_concurrent} at once, "
+          f"{request.workers_per_trial} worker(s) x {request.cpus_per_worker} CPU"
+          + (f" x {request.gpus_per_worker} GPU" if request.gpus_per_worker else "") + " per trial", flush=True)
+    return tune.Tuner(
+        trainable,
+        param_space=_tune_space(request.param_space),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher, scheduler=scheduler, num_samples=request.num_samples,
+            max_concurrent_trials=max_concurrent,
+            # Actor reuse would keep an ASHA-stopped trial's TorchTrainer running in the reused
+            # actor (its fit() thread does not end within the reset timeout), so it stays off.
+            reuse_actors=False, time_budget_s=request.time_budget_s,
+        ),
+        run_config=tune.RunConfig(
+            name=request.tune_run_name, storage_path=storage_join(request.storage_path, "tune"),
+            callbacks=callbacks, stop=budget.stopper,
+            failure_config=tune.FailureConfig(max_failures=request.trial_max_failures), verbose=1,
+        ),
+    )
+
+
+def run_search(request: SearchRequest, callbacks: list[Any], failed_before_resume: int = 0) -> FailureBudget:
+    """Run the search on the connected Ray cluster, with `callbacks` (the MLflow tracker's) on
+    Tune's trial events; returns the failure count and budget."""
+    import ray
+    from ray import tune
+
+    from tuning.resume import final_result_recorder
+
     static = {
         "model": request.model,
         "tune_run_name": request.tune_run_name,
@@ -322,47 +372,8 @@ def run_search(request: SearchRequest, callbacks: list[Any], failed_before_resum
     callbacks = [*callbacks, budget.callback,
                  final_result_recorder(request.tune_run_name, static["train_storage_path"])]
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", EXPERIMENT_STATE_PERIOD_S)
-    if request.resume:
-        # The searcher (with Optuna's study), the scheduler and every trial's state come back
-        # from the run's saved state; finished and failed trials stay as they ended.
-        tuner = tune.Tuner.restore(tune_run_path(request), trainable, resume_unfinished=True, resume_errored=False)
-        # Callbacks and stoppers are pickled with the original run, bound to the dead driver's
-        # tracker; this driver's take their place.
-        run_config = tuner._local_tuner.get_run_config()
-        run_config.callbacks, run_config.stop = callbacks, budget.stopper
-        print(f"[search] resuming {request.tune_run_name} from {tune_run_path(request)}", flush=True)
-    else:
-        metric, mode = objective_setup(request.objective, spec.pareto)
-        sampler = (optuna.samplers.TPESampler(seed=request.seed) if request.objective != "pareto"
-                   else optuna.samplers.TPESampler(seed=request.seed, multivariate=False))
-        searcher = OptunaSearch(metric=metric, mode=mode, points_to_evaluate=request.warm_start or None,
-                                sampler=sampler)
-        # ASHA needs one scalar: the distance to the paper, best epoch so far, in both modes (for
-        # the planner with a tie-break, see trainers/planner.py).
-        scheduler = ASHAScheduler(time_attr="training_iteration", metric=spec.scheduler_metric, mode="min",
-                                  max_t=max_epochs(request.trainer_base, request.param_space),
-                                  grace_period=request.grace_period, reduction_factor=request.reduction_factor)
-        max_concurrent = request.max_concurrent or default_concurrency(request)
-        tuner = tune.Tuner(
-            trainable,
-            param_space=_tune_space(request.param_space),
-            tune_config=tune.TuneConfig(
-                search_alg=searcher, scheduler=scheduler, num_samples=request.num_samples,
-                max_concurrent_trials=max_concurrent,
-                # Actor reuse would keep an ASHA-stopped trial's TorchTrainer running in the reused
-                # actor (its fit() thread does not end within the reset timeout), so it stays off.
-                reuse_actors=False, time_budget_s=request.time_budget_s,
-            ),
-            run_config=tune.RunConfig(
-                name=request.tune_run_name, storage_path=storage_join(request.storage_path, "tune"),
-                callbacks=callbacks, stop=budget.stopper,
-                failure_config=tune.FailureConfig(max_failures=request.trial_max_failures), verbose=1,
-            ),
-        )
-        print(f"[search] {request.num_samples} trials, up to {max_concurrent} at once, "
-              f"{request.workers_per_trial} worker(s) x {request.cpus_per_worker} CPU"
-              + (f" x {request.gpus_per_worker} GPU" if request.gpus_per_worker else "") + " per trial", flush=True)
-    tuner.fit()
+    make_tuner = _restored_tuner if request.resume else _new_tuner
+    make_tuner(request, trainable, callbacks, budget).fit()
     return budget
 
 
