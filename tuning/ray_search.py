@@ -292,20 +292,6 @@ class FailureBudget:
         return self.limit is not None and self.failed >= self.limit
 
 
-def _restored_tuner(request: SearchRequest, trainable, callbacks: list[Any], budget: FailureBudget):
-    """The interrupted Tune run, to continue: the searcher (with Optuna's study), the scheduler
-    and every trial's state come back from its saved state; ended trials stay as they ended."""
-    from ray import tune
-
-    tuner = tune.Tuner.restore(tune_run_path(request), trainable, resume_unfinished=True, resume_errored=False)
-    # Callbacks and stoppers are pickled with the original run, bound to the dead driver's
-    # tracker; this driver's take their place.
-    run_config = tuner._local_tuner.get_run_config()
-    run_config.callbacks, run_config.stop = callbacks, budget.stopper
-    print(f"[search] resuming {request.tune_run_name} from {tune_run_path(request)}", flush=True)
-    return tuner
-
-
 def _new_tuner(request: SearchRequest, trainable, callbacks: list[Any], budget: FailureBudget):
     """A new Tune run: Optuna's TPE (seeded) proposes, the warm starts go first, ASHA stops."""
     import optuna
@@ -372,8 +358,13 @@ def run_search(request: SearchRequest, callbacks: list[Any], failed_before_resum
     callbacks = [*callbacks, budget.callback,
                  final_result_recorder(request.tune_run_name, static["train_storage_path"])]
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", EXPERIMENT_STATE_PERIOD_S)
-    make_tuner = _restored_tuner if request.resume else _new_tuner
-    make_tuner(request, trainable, callbacks, budget).fit()
+    if request.resume:
+        from tuning.resume import restored_tuner
+
+        tuner = restored_tuner(request, trainable, callbacks, budget)
+    else:
+        tuner = _new_tuner(request, trainable, callbacks, budget)
+    tuner.fit()
     return budget
 
 

@@ -4,11 +4,12 @@ The search side of resuming lives here:
 - `search_to_resume` and `check_same_search` decide whether `--resume` may continue the
   latest search of an experiment, and refuse with one line otherwise;
 - each ended trial's final result is written beside its Train run, so a trial that ended just
-  before the driver stopped is replayed instead of trained again.
+  before the driver stopped is replayed instead of trained again;
+- `restored_tuner` continues the interrupted Tune run with this driver's callbacks.
 
-The rest happens where the state is: Tune restores its own run (`ray_search.run_search`),
-the tracker rebuilds every trial's record from MLflow (`SearchTracker.reattach`), and a
-restarted worker group goes on from its last checkpoint (`trainers/epoch_loop.py`).
+Two parts live where their state is: the tracker rebuilds every trial's record from MLflow
+(`SearchTracker.reattach`), and a restarted worker group goes on from its last checkpoint
+(`trainers/epoch_loop.py`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tuning.config import UserError
-from tuning.ray_search import storage_join, train_run_name
+from tuning.ray_search import storage_join, train_run_name, tune_run_path
 from tuning.tracking import latest_search, redact_uri, sqlite_path
 
 # The parent-run tag naming the search's Tune run (its folder under STORAGE/tune).
@@ -75,6 +76,20 @@ def final_result_recorder(tune_run_name: str, train_storage_path: str):
                                    trial.last_result)
 
     return _FinalResults()
+
+
+def restored_tuner(request, trainable, callbacks: list[Any], budget):
+    """The interrupted Tune run, to continue: the searcher (with Optuna's study), the scheduler
+    and every trial's state come back from its saved state; ended trials stay as they ended."""
+    from ray import tune
+
+    tuner = tune.Tuner.restore(tune_run_path(request), trainable, resume_unfinished=True, resume_errored=False)
+    # Callbacks and stoppers are pickled with the original run, bound to the dead driver's
+    # tracker; this driver's take their place.
+    run_config = tuner._local_tuner.get_run_config()
+    run_config.callbacks, run_config.stop = callbacks, budget.stopper
+    print(f"[search] resuming {request.tune_run_name} from {tune_run_path(request)}", flush=True)
+    return tuner
 
 
 # Options a resumed search may change; every other parent param must match the interrupted one.
