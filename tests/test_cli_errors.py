@@ -83,6 +83,8 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "linear space for the transformer": (["--space", str(PROJECT / "search_spaces" / "toolrag-linear.yaml")],
                                              "for 'toolrag-linear', not 'toolrag'"),
         "preset of an unknown family": (["--preset", str(_linear_preset(tmp, family="forest"))], "family"),
+        "preset file name unfit for an experiment": (["--preset", str(_preset_named(tmp, "my preset.yaml"))],
+                                                     "--experiment-name"),
         "linear preset with a model source": (
             ["--preset", str(_linear_preset(tmp, model={"name_or_path": str(minilm)}))], "takes no model source"),
     }
@@ -96,8 +98,15 @@ CASE_NAMES = [
     "planner space of toolrag", "address unreachable", "storage under a file", "resume without a search",
     "val fraction zero", "val fraction too large", "too little data to carve validation",
     "preset value outside the space", "linear with a model path", "linear space for the transformer",
-    "preset of an unknown family", "linear preset with a model source",
+    "preset of an unknown family", "linear preset with a model source", "preset file name unfit for an experiment",
 ]
+
+
+def _preset_named(tmp: Path, name: str) -> Path:
+    """The shipped tiny ToolRAG preset under another file name."""
+    path = tmp / name
+    path.write_text((PROJECT / "search_spaces" / "presets" / "toolrag" / "tiny.yaml").read_text())
+    return path
 
 
 def _linear_preset(tmp: Path, **changes) -> Path:
@@ -185,6 +194,9 @@ RESUME_CASES = {
     "other options": (["--num-samples", "9"], "num_samples (was '4', now '9')"),
     "other storage": (["--storage", "OTHER"], "pass the same --storage"),
     "no tune state": ([], "no saved search state"),
+    # A parent run without the tag naming its Tune run: an earlier version's, whose saved Tune
+    # state names modules this version no longer has.
+    "earlier version": ([], "earlier version"),
 }
 
 
@@ -199,6 +211,8 @@ def test_a_search_that_cannot_be_resumed_is_refused_before_anything_changes(case
     if case == "still running":  # a live process whose command line names the search
         sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "search"])
         client.set_tag(parent.info.run_id, "driver_pid", str(sleeper.pid))
+    if case == "earlier version":
+        client.delete_tag(parent.info.run_id, "tune_run_name")
     extra, expected = RESUME_CASES[case]
     extra = [str(tmp_path / "other") if a == "OTHER" else a for a in extra]
     before = client.get_run(parent.info.run_id)

@@ -189,7 +189,10 @@ def _load_data(args: argparse.Namespace, preset: Preset, results_dir: Path) -> D
 def smoke_preset(task: str, preset: str) -> str:
     """The preset `--smoke` runs instead of `preset`: its own `<preset>-smoke` when one is
     shipped (linear-smoke), else `tiny` (the transformer at test size)."""
-    return f"{preset}-smoke" if f"{preset}-smoke" in shipped_presets(task) else "tiny"
+    shipped = shipped_presets(task)
+    if preset.endswith("-smoke") and preset in shipped:
+        return preset
+    return f"{preset}-smoke" if f"{preset}-smoke" in shipped else "tiny"
 
 
 def _templates_used(spec: ModelSpec, space: SearchSpace, preset_trainer: dict[str, Any]) -> set[str]:
@@ -227,6 +230,9 @@ def load_inputs(args: argparse.Namespace, locations: Locations) -> Inputs:
         raise UserError(f"--objective pareto: the {spec.name} model has no pair of figures to trade; "
                         "use --objective distance")
     mlflow_experiment = args.experiment_name or f"tinyagent-{args.model}-{preset_name}"
+    if not EXPERIMENT_NAME_PATTERN.match(mlflow_experiment):  # names MLflow, Tune and Train runs alike
+        raise UserError(f"--preset {args.preset}: the experiment name it gives, {mlflow_experiment!r}, may use "
+                        "letters, digits, '.', '_' and '-' only; rename the file or pass --experiment-name")
     # Before any data is generated: a search that cannot be resumed leaves nothing behind.
     resumed_run = None
     if args.resume:
@@ -469,6 +475,7 @@ def _search_and_score(prepared: PreparedSearch, tracker, resumed_counts, started
 def execute(prepared: PreparedSearch) -> int:
     """Run the prepared search; returns the process exit code."""
     import ray
+    from mlflow.exceptions import MlflowException
 
     from tuning import ray_search
 
@@ -491,7 +498,10 @@ def execute(prepared: PreparedSearch) -> int:
         if started_ray:
             ray_search.wait_for_placement_groups()
             ray.shutdown()
-    outcome.family_bests = tracker.best_per_family(prepared.spec.task, prepared.dataset.split_fingerprint)
+    try:
+        outcome.family_bests = tracker.best_per_family(prepared.spec.task, prepared.dataset.split_fingerprint)
+    except MlflowException as error:  # a comparison the store cannot give must not hide the search's own table
+        print(f"[mlflow] could not compare with other models' searches: {str(error).splitlines()[0]}", flush=True)
     print(report.format_closing(prepared, outcome, tracker))
     return exit_code(outcome)
 

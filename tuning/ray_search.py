@@ -102,7 +102,6 @@ def fit_trial(config: dict[str, Any], static: dict[str, Any]) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from trainers.registry import MODELS
     from tuning.resume import read_final_result
 
     run_name = train_run_name(static["tune_run_name"], tune.get_context().get_trial_id())
@@ -113,7 +112,7 @@ def fit_trial(config: dict[str, Any], static: dict[str, Any]) -> None:
         tune.report({**final, "replayed_final_result": 1})
         return
     trainer = TorchTrainer(
-        MODELS[static["model"]].train_fn_per_worker,
+        static["train_fn_per_worker"],
         train_loop_config={"trainer": {**static["trainer_base"], **config}, "data": static["data_ref"],
                            "data_fingerprint": static["data_fingerprint"]},
         scaling_config=scaling_config(static["workers_per_trial"], static["cpus_per_worker"], static["gpus_per_worker"]),
@@ -339,10 +338,13 @@ def run_search(request: SearchRequest, callbacks: list[Any], failed_before_resum
     import ray
     from ray import tune
 
+    from trainers.registry import MODELS
     from tuning.resume import final_result_recorder
 
     static = {
-        "model": request.model,
+        # The function itself, pickled by reference: a trial imports only its own trainer
+        # module, not every model's (scikit-learn, PEFT) through the registry.
+        "train_fn_per_worker": MODELS[request.model].train_fn_per_worker,
         "tune_run_name": request.tune_run_name,
         "trainer_base": request.trainer_base,
         "data_ref": ray.put(request.data),

@@ -30,9 +30,8 @@ FINAL_RESULT_FILE = "final_result.json"
 
 
 def tune_run_name(run) -> str:
-    """The Tune run a parent run drove (searches recorded before the tag's rename kept it under
-    "experiment_name")."""
-    return run.data.tags.get(TUNE_RUN_TAG) or run.data.tags.get("experiment_name", "")
+    """The Tune run a parent run drove."""
+    return run.data.tags.get(TUNE_RUN_TAG, "")
 
 
 def _final_result_file(train_storage_path: str, run_name: str):
@@ -111,23 +110,28 @@ def driver_alive(tags: dict[str, str]) -> int | None:
     return int(pid) if b"search" in command else None
 
 
-def search_to_resume(experiment_name: str, tracking_uri: str, storage: str):
+def search_to_resume(mlflow_experiment: str, tracking_uri: str, storage: str):
     """The interrupted search `--resume` continues (its MLflow parent run), checked to be
     resumable: not finished, not still running, same storage."""
     sqlite_file = sqlite_path(tracking_uri)
     if sqlite_file is not None and not sqlite_file.exists():
         raise UserError(f"--resume: there is no search to resume: {sqlite_file} does not exist "
                         "(pass the --results-dir or --tracking-uri the search used)")
-    run = latest_search(tracking_uri, experiment_name)
+    run = latest_search(tracking_uri, mlflow_experiment)
     if run is None:
-        raise UserError(f"--resume: experiment {experiment_name} in {redact_uri(tracking_uri)} has no search to resume")
+        raise UserError(f"--resume: experiment {mlflow_experiment} in {redact_uri(tracking_uri)} has no search to resume")
     name, tags = run.info.run_name, run.data.tags
     if run.info.status == "FINISHED":
-        raise UserError(f"--resume: the last search of experiment {experiment_name} ({name}) finished; "
+        raise UserError(f"--resume: the last search of experiment {mlflow_experiment} ({name}) finished; "
                         "run without --resume to start a new one")
     pid = driver_alive(tags) if run.info.status == "RUNNING" else None
     if pid is not None:
         raise UserError(f"--resume: the search {name} is still running (pid {pid}); stop it before resuming")
+    if TUNE_RUN_TAG not in tags:
+        # Searches started before the model registry saved Tune state that names modules and a
+        # trainable this version no longer has; Tune cannot restore it.
+        raise UserError(f"--resume: the search {name} was started by an earlier version of this project, whose "
+                        "saved state this version cannot restore; run without --resume to start a new one")
     if tags.get("storage") != redact_uri(storage):
         raise UserError(f"--resume: the search {name} kept its state in --storage {tags.get('storage')}, "
                         f"not {redact_uri(storage)}; pass the same --storage")

@@ -326,7 +326,13 @@ class SearchTracker:
         experiments = {e.experiment_id: e.name for e in self.client.search_experiments()}
         query = (f"tags.{SEARCH_TAG} = 'trial' and tags.{TASK_TAG} = '{task}' "
                  f"and tags.{DATA_SPLIT_TAG} = '{data_split}'")
-        runs = self.client.search_runs(list(experiments), query, max_results=5000)
+        runs, token = [], None
+        while True:  # every page: a store of many searches holds more runs than one page
+            page = self.client.search_runs(list(experiments), query, max_results=1000, page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token:
+                break
         distance_key = FINAL_PREFIX + names.PAPER_DISTANCE
         full_key = FINAL_PREFIX + names.FULL_VALIDATION_SET
         best: dict[str, Any] = {}
