@@ -118,7 +118,7 @@ def best_per_template(records: list[TrialRecord], metric: str) -> dict[str, dict
 
 
 def format_template_summary(summary: dict[str, dict[str, Any]], metric: str) -> str:
-    lines = [f"Best {metric} per template (chosen on the whole validation split; its test figure after):"]
+    lines = [f"Best {metric} per prompt template (chosen on the whole validation split; its test figure after):"]
     for template, entry in sorted(summary.items(), key=lambda item: -(item[1]["best"] or -1.0)):
         figure = (f"validation {entry['best']:.3f}, test {_interval_cell(entry['test'], metric)[0]} "
                   f"(trial {entry['trial_id']})" if entry["best"] is not None
