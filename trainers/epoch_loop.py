@@ -59,6 +59,16 @@ class EpochTrainer:
 
     def __init__(self, config):
         self.config = config  # needs `epochs` and `seed`
+        # The best validation distance so far: what `best_epoch_so_far` compares with.
+        self.best_distance = math.inf
+
+    def best_epoch_so_far(self, metrics: dict[str, Any]) -> Evaluation:
+        """An evaluation whose epoch is the best when its distance to the paper is the lowest so
+        far; adds `best_paper_distance`. Models with another rule (the planner) keep their own."""
+        improved = metrics[names.PAPER_DISTANCE] < self.best_distance
+        self.best_distance = min(self.best_distance, metrics[names.PAPER_DISTANCE])
+        metrics[names.BEST_PAPER_DISTANCE] = self.best_distance
+        return Evaluation(metrics, improved)
 
     def prepare_data(self, fetch: Callable[[], dict[str, Any]], data_fingerprint: str) -> None:
         """Make the train and validation splits ready; `fetch()` returns them raw."""
@@ -74,6 +84,7 @@ class EpochTrainer:
 
     def restore(self, state: dict[str, Any]) -> None:
         """Take back what `checkpoint_state` saved (the best epoch so far)."""
+        self.best_distance = state["best_distance"]
 
     def train_epoch(self, epoch: int) -> EpochCost:
         raise NotImplementedError
@@ -87,7 +98,7 @@ class EpochTrainer:
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Extras a resumed run needs beyond the weights and the optimiser."""
-        return {}
+        return {"best_distance": self.best_distance}
 
     def save(self, directory: str) -> None:
         """Write the model and its config into a checkpoint folder (rank 0 only)."""

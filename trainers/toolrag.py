@@ -13,7 +13,6 @@ after the search.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -225,7 +224,6 @@ class ToolRAGTrainer(EpochTrainer):
     def __init__(self, config: ToolRAGConfig):
         super().__init__(config)
         self.targets = {name: target.model_dump() for name, target in config.targets.items()}
-        self.best_distance = math.inf
         self.checkpoint_tokenizer = None
 
     def prepare_data(self, fetch, data_fingerprint: str) -> None:
@@ -253,9 +251,6 @@ class ToolRAGTrainer(EpochTrainer):
         self.loss_fn = torch.nn.BCEWithLogitsLoss(
             pos_weight=torch.full((NUM_TOOLS,), config.pos_weight, device=self.device))
 
-    def restore(self, state: dict[str, Any]) -> None:
-        self.best_distance = state["best_distance"]
-
     def train_epoch(self, epoch: int) -> EpochCost:
         cost = EpochCost()
         self.collate.pad_tokens = self.collate.total_tokens = 0
@@ -281,16 +276,10 @@ class ToolRAGTrainer(EpochTrainer):
         metrics = _evaluate(self.model, self.encoded["val"], self.pad_id, self.config, self.device, self.rank,
                             self.world)
         metrics[names.PAPER_DISTANCE] = paper_distance(metrics, self.targets)
-        improved = metrics[names.PAPER_DISTANCE] < self.best_distance
-        self.best_distance = min(self.best_distance, metrics[names.PAPER_DISTANCE])
-        metrics[names.BEST_PAPER_DISTANCE] = self.best_distance
-        return Evaluation(metrics, improved)
+        return self.best_epoch_so_far(metrics)
 
     def epoch_figures(self) -> dict[str, float]:
         return {names.MEAN_INPUT_TOKENS: self.encoded["train"]["flat"].numel() / max(len(self.collate), 1)}
-
-    def checkpoint_state(self) -> dict[str, Any]:
-        return {"best_distance": self.best_distance}
 
     def save(self, directory: str) -> None:
         if self.checkpoint_tokenizer is None:  # loaded once, and only by the rank that saves

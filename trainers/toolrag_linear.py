@@ -20,7 +20,6 @@ the module needs no Ray.
 from __future__ import annotations
 
 import json
-import math
 import warnings
 import zipfile
 from pathlib import Path
@@ -273,7 +272,6 @@ class LinearToolRAGTrainer(EpochTrainer):
         super().__init__(config)
         self.targets = {name: target.model_dump() for name, target in config.targets.items()}
         self.pipeline: Pipeline | None = None
-        self.best_distance = math.inf
 
     def prepare_data(self, fetch, data_fingerprint: str) -> None:
         self.data = fetch()
@@ -284,9 +282,6 @@ class LinearToolRAGTrainer(EpochTrainer):
     def build(self, resumed_model) -> None:
         self.pipeline = resumed_model
 
-    def restore(self, state: dict[str, Any]) -> None:
-        self.best_distance = state["best_distance"]
-
     def train_epoch(self, epoch: int) -> EpochCost:
         train = self.data["train"]
         self.pipeline, loss = fit(self.config, train["queries"], train["labels"])
@@ -294,13 +289,7 @@ class LinearToolRAGTrainer(EpochTrainer):
 
     def evaluate(self, epoch: int) -> Evaluation:
         metrics = evaluate(self.pipeline, self.config, self.data["val"])
-        improved = metrics[names.PAPER_DISTANCE] < self.best_distance
-        self.best_distance = min(self.best_distance, metrics[names.PAPER_DISTANCE])
-        metrics[names.BEST_PAPER_DISTANCE] = self.best_distance
-        return Evaluation(metrics, improved)
-
-    def checkpoint_state(self) -> dict[str, Any]:
-        return {"best_distance": self.best_distance}
+        return self.best_epoch_so_far(metrics)
 
     def save(self, directory: str) -> None:
         save_checkpoint(self.pipeline, self.config, directory)
