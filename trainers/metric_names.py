@@ -23,6 +23,9 @@ TRAIN_LOSS = "train_loss"
 TOOL_RECALL = "tool_recall"
 TOOL_COUNT = "tool_count"
 TOOL_PRECISION = "tool_precision"
+# The mean number of tools the scored examples need: a tool-count target relative to the data
+# (generated data, see search_spaces/targets.yaml) is measured from it.
+GOLD_TOOL_COUNT = "gold_tool_count"
 PER_TOOL_RECALL_PREFIX = "recall/"
 # The planner's.
 PLAN_SUCCESS = "plan_success"

@@ -61,13 +61,14 @@ class ModelSpec:
     def builds_base(self) -> bool:
         return self.base_builder is not None
 
-    def paper_figures(self, targets: dict[str, dict[str, float]], trainer_settings: dict[str, Any]) -> dict[str, float]:
-        """{headline figure: the paper's value it is compared with}."""
+    def paper_figures(self, targets: dict[str, dict[str, Any]], trainer_settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """{headline figure: the target it is compared with ({"value", "tolerance"[, "relative_to"]},
+        see trainers/evaluation.py: target_value)}."""
         if self.paper_target_key is None:
-            return {metric: targets[metric]["value"] for metric in self.headline}
+            return {metric: targets[metric] for metric in self.headline}
         chosen = trainer_settings.get(self.paper_target_key,
                                       self.config_class.model_fields[self.paper_target_key].default)
-        return {self.headline[0]: targets[chosen]["value"]}
+        return {self.headline[0]: targets[chosen]}
 
 
 _TOOLRAG_COMMON = dict(

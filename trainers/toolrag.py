@@ -44,6 +44,9 @@ class Target(BaseModel):
     model_config = ConfigDict(extra="forbid")
     value: float
     tolerance: float = Field(gt=0)
+    relative_to: Literal["gold_tool_count"] | None = Field(
+        None, description="Measure from this figure of the scored examples plus `value` (see "
+                          "trainers/evaluation.py: target_value).")
 
 
 class ToolRAGConfig(BaseModel):
@@ -58,6 +61,9 @@ class ToolRAGConfig(BaseModel):
                              "which suits encoders trained as sentence embedders (MiniLM).")
     architecture: dict[str, Any] | None = Field(None, description="Build this config with random weights instead of loading weights.")
     num_hidden_layers: int | None = Field(None, ge=1, description="Keep only the first N encoder layers (speed on CPU).")
+    freeze_word_embeddings: bool = Field(
+        False, description="Keep the pretrained token embeddings fixed: on CPU, AdamW's update of a 30k x 384 "
+                           "table was half of every step, and a few thousand queries cannot improve it.")
     max_length: int = Field(512, ge=8, le=4096, description="Token cap per input; the paper uses 512.")
     prompt_template: str = "query"
     pos_weight: float = Field(1.0, gt=0, description="Weight of positive labels in BCEWithLogitsLoss, same for all 16.")
@@ -134,6 +140,15 @@ def build_classifier(config: ToolRAGConfig) -> torch.nn.Module:
         model_config = AutoConfig.from_pretrained(config.model_path, **overrides)
         model = auto_class.from_pretrained(config.model_path, config=model_config)
     return model if config.pooling == "model" else MeanPooledClassifier(model)
+
+
+def apply_freezing(model: torch.nn.Module, config: ToolRAGConfig) -> torch.nn.Module:
+    """Fix the token embeddings when the config says so (a new model or one resumed from a
+    checkpoint alike, so a resumed optimizer finds the parameters it was saved with)."""
+    if config.freeze_word_embeddings:
+        encoder = model.encoder if isinstance(model, MeanPooledClassifier) else model
+        encoder.get_input_embeddings().weight.requires_grad_(False)
+    return model
 
 
 def load_checkpoint(directory: str) -> tuple[torch.nn.Module, ToolRAGConfig]:
@@ -242,10 +257,11 @@ class ToolRAGTrainer(EpochTrainer):
         import ray.train.torch
 
         config = self.config
-        self.model = ray.train.torch.prepare_model(resumed_model or build_classifier(config))
+        self.model = ray.train.torch.prepare_model(apply_freezing(resumed_model or build_classifier(config), config))
         self.per_worker_batch = max(1, config.batch_size // self.world)
         steps = steps_per_epoch(len(self.lengths), self.world, self.per_worker_batch)
-        self.optimizer, self.scheduler = adamw_with_warmup(self.model.parameters(), config.learning_rate,
+        trainable = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
+        self.optimizer, self.scheduler = adamw_with_warmup(trainable, config.learning_rate,
                                                            config.weight_decay, config.warmup_ratio,
                                                            steps * config.epochs)
         self.loss_fn = torch.nn.BCEWithLogitsLoss(

@@ -54,6 +54,11 @@ class TargetEntry(Strict):
     value: float
     tolerance: float = Field(gt=0)
     source: str
+    relative_to: Literal["gold_tool_count"] | None = None
+
+
+# The section of targets.yaml whose entries replace the paper's for generated data.
+GENERATED_DATA_SECTION = "generated_data"
 
 
 def shipped_presets(task: str) -> list[str]:
@@ -61,20 +66,41 @@ def shipped_presets(task: str) -> list[str]:
     return sorted(path.stem for path in (PRESETS_DIR / task).glob("*.yaml"))
 
 
-def load_targets(model: str, path: Path = TARGETS_FILE) -> dict[str, dict[str, float]]:
-    """{metric: {"value", "tolerance"}} for a task, from the one targets file."""
+def load_targets(model: str, path: Path = TARGETS_FILE, generated_data: bool = False) -> dict[str, dict[str, Any]]:
+    """{metric: {"value", "tolerance"[, "relative_to"]}} for a task, from the one targets file.
+
+    With `generated_data`, the entries of the file's `generated_data.<model>` section replace
+    the paper's: on data whose gold tool count is not the published data's, an absolute tool
+    count would reward wrong tools (see the section's comment)."""
     raw = _read_yaml(path)
     if not isinstance(raw, dict) or model not in raw:
         raise UserError(f"{path}: no targets for model {model!r}")
-    if not isinstance(raw[model], dict):
-        raise UserError(f"{path}: {model}: must map metric names to targets")
+    sections = [(model, raw[model])]
+    generated = raw.get(GENERATED_DATA_SECTION) or {}
+    if not isinstance(generated, dict):
+        raise UserError(f"{path}: {GENERATED_DATA_SECTION}: must map model names to targets")
+    if generated_data and model in generated:
+        sections.append((f"{GENERATED_DATA_SECTION}.{model}", generated[model]))
     entries = {}
-    for name, entry in raw[model].items():
-        try:
-            entries[name] = TargetEntry.model_validate(entry)
-        except ValidationError as error:
-            raise UserError(f"{path}: {model}.{name}.{_describe(error)}") from None
-    return {name: {"value": e.value, "tolerance": e.tolerance} for name, e in entries.items()}
+    for where, section in sections:
+        if not isinstance(section, dict):
+            raise UserError(f"{path}: {where}: must map metric names to targets")
+        for name, entry in section.items():
+            if where != model and name not in entries:
+                raise UserError(f"{path}: {where}.{name}: replaces no target of {model}")
+            try:
+                entries[name] = TargetEntry.model_validate(entry)
+            except ValidationError as error:
+                raise UserError(f"{path}: {where}.{name}.{_describe(error)}") from None
+    return {name: {"value": e.value, "tolerance": e.tolerance,
+                   **({"relative_to": e.relative_to} if e.relative_to else {})} for name, e in entries.items()}
+
+
+def describe_target(name: str, target: dict[str, Any]) -> str:
+    """How a target reads in a log line or on a run: '3.97', or 'gold_tool_count + 1'."""
+    if target.get("relative_to"):
+        return f"{target['relative_to']} + {target['value']:g}"
+    return f"{target['value']:g}"
 
 
 class ModelSource(Strict):

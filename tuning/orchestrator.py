@@ -169,8 +169,10 @@ def _load_data(args: argparse.Namespace, preset: Preset, results_dir: Path) -> D
     (seed, sizes) and kept under the results folder, written atomically."""
     if args.data is None:
         sizes = preset.data
-        folder = results_dir / "data" / f"synthetic-seed{args.seed}-{sizes.synthetic_train}-{sizes.synthetic_test}"
-        if not (folder / "testing_data.json").exists():
+        # The generator's version is in the name: data from an older grammar is never reused.
+        folder = (results_dir / "data" / f"synthetic-v{synthetic.GENERATOR_VERSION}-seed{args.seed}-"
+                                         f"{sizes.synthetic_train}-{sizes.synthetic_test}")
+        if not synthetic.is_generated(folder):  # the marker is written last, after both files
             print(f"[data] no --data given: generating synthetic TinyAgent-format data in {folder}", flush=True)
             stats = synthetic.write_dataset(folder, sizes.synthetic_train, sizes.synthetic_test, args.seed)
             print(synthetic.format_statistics(stats), flush=True)
@@ -215,6 +217,12 @@ def _model_source(args: argparse.Namespace, spec: ModelSpec, preset: Preset) -> 
     return resolve_source(source, "model", "--model-path"), source, False
 
 
+def _generated_data(args: argparse.Namespace) -> bool:
+    """Whether the search trains on this project's generated data (no --data, or a folder the
+    generator wrote): its targets are then those of targets.yaml's generated_data section."""
+    return args.data is None or synthetic.is_generated(Path(args.data).expanduser())
+
+
 def load_inputs(args: argparse.Namespace, locations: Locations) -> Inputs:
     """Load and check preset, space, targets, model and data, in that order: data comes last
     because generating it is the one step that writes (a cache under the results folder)."""
@@ -225,7 +233,7 @@ def load_inputs(args: argparse.Namespace, locations: Locations) -> Inputs:
         preset_name = preset_file.stem
     space_file = Path(args.space) if args.space else SPACES_DIR / preset.search.space
     space = load_search_space(spec, space_file, preset.trainer)
-    targets = load_targets(spec.task)
+    targets = load_targets(spec.task, generated_data=_generated_data(args))
     if args.objective == "pareto" and spec.pareto is None:
         raise UserError(f"--objective pareto: the {spec.name} model has no pair of figures to trade; "
                         "use --objective distance")
@@ -293,6 +301,10 @@ def _parent_params(args: argparse.Namespace, inputs: Inputs, request: SearchRequ
         "val_fraction": dataset.val_fraction, "val_examples": len(dataset.val),
         "search_space": json.dumps(request.param_space), "warm_start": json.dumps(request.warm_start),
         "model_source": inputs.model_source or "none (trained from nothing)",
+        # Which figures "closest to the paper" measured from: the paper's, or on generated data
+        # the ones relative to the data (search_spaces/targets.yaml, generated_data).
+        "paper_targets": json.dumps(inputs.targets, sort_keys=True),
+        "generated_data": _generated_data(args),
     }
 
 
@@ -352,6 +364,7 @@ def prepare(args: argparse.Namespace) -> PreparedSearch:
     locations = check_options(args)
     inputs = load_inputs(args, locations)
     print(report.format_data_summary(inputs.dataset), flush=True)
+    print(report.format_targets(inputs.spec, inputs.targets, _generated_data(args)), flush=True)
     return plan_search(args, locations, inputs)
 
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from trainers import metric_names as names
 from trainers.data import Dataset
+from trainers.evaluation import target_value
 from trainers.registry import ModelSpec
 from tuning.config import TEMPLATE_KEY
 from tuning.tracking import TrialRecord
@@ -36,6 +37,17 @@ def format_data_summary(dataset: Dataset) -> str:
     else:
         lines.append("[data] every target plan parses with TinyAgent's parser")
     return "\n".join(lines)
+
+
+def format_targets(spec: ModelSpec, targets: dict[str, dict[str, Any]], generated_data: bool) -> str:
+    """Which figures the search measures closeness from, and why, in one line."""
+    figures = ", ".join(f"{metric} {paper_text(target)}" for metric, target in targets.items()
+                        if metric in spec.target_metrics)
+    if generated_data and any(target.get("relative_to") for target in targets.values()):
+        return (f"[targets] generated data: closeness is measured from {figures}; an absolute tool count would "
+                "reward wrong tools where queries need fewer tools than the published ones "
+                "(search_spaces/targets.yaml, generated_data)")
+    return f"[targets] the paper's figures: {figures}"
 
 
 def pareto_front(records: list[TrialRecord], figures: tuple[str, str]) -> list[TrialRecord]:
@@ -70,26 +82,49 @@ def _interval_cell(figures: dict[str, float] | None, metric: str) -> tuple[str, 
     return f"{figures[metric]:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]", low, high
 
 
-def format_table(records: list[TrialRecord], spec: ModelSpec, paper: dict[str, float], title: str) -> str:
+def paper_text(target: dict[str, Any]) -> str:
+    """A target as the tables show it: '3.97', or 'gold + 1' for one relative to the data."""
+    if target.get("relative_to") == names.GOLD_TOOL_COUNT:
+        return f"gold + {target['value']:.4g} (tools the queries need + {target['value']:.4g})"
+    return f"{target['value']:.4g}"
+
+
+def paper_line(paper: dict[str, dict[str, Any]]) -> str:
+    return "  paper: " + ", ".join(f"{m} {paper_text(t)}" for m, t in paper.items())
+
+
+def _paper_inside(target: dict[str, Any], figures: dict[str, float] | None, low: float | None,
+                  high: float | None) -> str:
+    """Whether the target lies inside a test interval; a relative target is placed with the
+    test split's own figure (its gold tool count)."""
+    if low is None or figures is None:
+        return "-"
+    relative_to = target.get("relative_to")
+    if relative_to and relative_to not in figures:
+        return "-"
+    return _inside(target_value("", target, figures), low, high)
+
+
+def format_table(records: list[TrialRecord], spec: ModelSpec, paper: dict[str, dict[str, Any]], title: str) -> str:
     """One line per trial, in the order given (ranked on validation): the validation distance
     and figures that ranked it, then its best checkpoint's figures on the test split with 95%
     CIs and whether the paper's figure lies inside each test interval, the model's extra
     columns (validation), and the searched params.
 
-    paper: {headline figure: the paper's value} (ModelSpec.paper_figures).
+    paper: {headline figure: its target} (ModelSpec.paper_figures).
     """
     figures = spec.headline
     header = f"  {'rank':>4}  {'trial':<11} {'val dist':>8}  "
     header += "".join(f"{'val ' + m:>{len(m) + 4}}  {'test ' + m + ' [95% CI]':<31} {'paper in':>8}  " for m in figures)
     header += "".join(f"{extra:>{max(len(extra), 8)}}  " for extra in spec.extra_columns) + f"{'epoch':>5}  params"
-    lines = [title, "  paper: " + ", ".join(f"{m} {paper[m]:.4g}" for m in figures), header]
+    lines = [title, paper_line({m: paper[m] for m in figures}), header]
     for rank, record in enumerate(records, start=1):
         best = record.best
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(record.params.items()))
         line = f"  {rank:>4}  {record.trial_id:<11} {best[names.PAPER_DISTANCE]:>8.2f}  "
         for metric in figures:
             cell, low, high = _interval_cell(record.test, metric)
-            inside = "-" if low is None else _inside(paper[metric], low, high)
+            inside = _paper_inside(paper[metric], record.test, low, high)
             line += f"{best[metric]:>{len(metric) + 4}.3f}  {cell:<31} {inside:>8}  "
         for extra in spec.extra_columns:
             value = best.get(extra)
@@ -127,14 +162,14 @@ def format_template_summary(summary: dict[str, dict[str, Any]], metric: str) -> 
     return "\n".join(lines)
 
 
-def format_family_comparison(bests: list[dict[str, Any]], spec: ModelSpec, paper: dict[str, float]) -> str:
+def format_family_comparison(bests: list[dict[str, Any]], spec: ModelSpec, paper: dict[str, dict[str, Any]]) -> str:
     """Each model family's closest trial (on validation) over every search of this task on the
     same data split in the MLflow store, side by side; empty with fewer than two families."""
     if len(bests) < 2:
         return ""
     lines = ["Best of each model on the same data split, across the searches in this MLflow store (closest to "
              "the paper on validation; test scored once):",
-             "  paper: " + ", ".join(f"{m} {v:.4g}" for m, v in paper.items())]
+             paper_line(paper)]
     header = f"  {'model':<16} {'val dist':>8}  "
     header += "".join(f"{'val ' + m:>{len(m) + 4}}  {'test ' + m + ' [95% CI]':<31} " for m in spec.headline)
     lines.append(header + "experiment / trial")

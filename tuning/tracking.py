@@ -53,7 +53,7 @@ TEST_PREFIX = "test_"
 TEST_ERROR_TAG = "test_error"
 # Best-epoch figures copied to `final_*` metrics when a trial ends (those a model reports).
 FINAL_KEYS = (names.TOOL_RECALL, *names.interval(names.TOOL_RECALL), names.TOOL_COUNT, *names.interval(names.TOOL_COUNT),
-              names.TOOL_PRECISION, names.PLAN_SUCCESS, *names.interval(names.PLAN_SUCCESS), names.TOOL_SET_ACCURACY,
+              names.TOOL_PRECISION, names.GOLD_TOOL_COUNT, names.PLAN_SUCCESS, *names.interval(names.PLAN_SUCCESS), names.TOOL_SET_ACCURACY,
               names.PLAN_PARSE_RATE, names.STRICT_PLAN_SUCCESS, names.EVAL_EXAMPLES, names.PAPER_DISTANCE, names.EPOCH,
               names.FULL_VALIDATION_SET)
 FINAL_PREFIX = "final_"
