@@ -268,6 +268,31 @@ def test_targets_are_the_paper_figures():
     assert all(entry["tolerance"] > 0 for entry in targets.values())
 
 
+def test_generated_data_measures_the_tool_count_beyond_the_gold_count():
+    """On generated data the count target is relative to what the examples need; recall and
+    the planner's figures stay the paper's."""
+    generated = load_targets("toolrag", generated_data=True)
+    assert generated["tool_recall"] == load_targets("toolrag")["tool_recall"]
+    assert generated["tool_count"]["relative_to"] == "gold_tool_count"
+    assert generated["tool_count"]["value"] == pytest.approx(1.0)
+    assert "relative_to" not in load_targets("toolrag")["tool_count"]
+    assert load_targets("planner", generated_data=True) == load_targets("planner")
+    settings = {"model_path": ".", "cache_dir": ".", "targets": generated}
+    assert ToolRAGConfig.model_validate(settings).targets["tool_count"].relative_to == "gold_tool_count"
+
+
+def test_a_generated_data_entry_must_replace_a_paper_target(tmp_path):
+    path = tmp_path / "targets.yaml"
+    path.write_text(yaml.safe_dump({
+        "toolrag": {"tool_recall": {"value": 0.99, "tolerance": 0.01, "source": "x"}},
+        "generated_data": {"toolrag": {"tool_cont": {"value": 1.0, "tolerance": 0.1, "source": "x"}}},
+    }))
+    assert set(load_targets("toolrag", path)) == {"tool_recall"}  # published data: the section is not read
+    with pytest.raises(UserError) as caught:
+        load_targets("toolrag", path, generated_data=True)
+    assert "generated_data.toolrag.tool_cont" in str(caught.value) and str(path) in str(caught.value)
+
+
 def test_targets_default_to_the_shipped_file():
     assert load_targets("toolrag") == load_targets("toolrag", SPACES / "targets.yaml")
 

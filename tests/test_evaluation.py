@@ -284,3 +284,33 @@ def test_threshold_is_respected():
     counts_high.update(probabilities, rows({0}), threshold=0.5)
     assert counts_low.metrics()["tool_recall"] == 1.0
     assert counts_high.metrics()["tool_recall"] == 0.0
+
+
+# --- a tool count relative to what the examples need (generated data) ---------------------------
+
+RELATIVE = {"tool_recall": {"value": 0.99, "tolerance": 0.01},
+            "tool_count": {"value": 1.0, "tolerance": 0.1, "relative_to": "gold_tool_count"}}
+
+
+def test_a_relative_target_measures_tools_beyond_those_the_examples_need():
+    """On examples needing 2.5 tools, 3.5 retrieved is on target and the paper's absolute 3.97
+    is 4.7 tolerances off; on examples needing 3 tools, 4.0 is on target."""
+    assert paper_distance({"tool_recall": 0.99, "tool_count": 3.5, "gold_tool_count": 2.5}, RELATIVE) == pytest.approx(0)
+    assert paper_distance({"tool_recall": 0.99, "tool_count": 3.97, "gold_tool_count": 2.5}, RELATIVE) == pytest.approx(4.7)
+    assert paper_distance({"tool_recall": 0.99, "tool_count": 4.0, "gold_tool_count": 3.0}, RELATIVE) == pytest.approx(0)
+    # Under the absolute target the over-predicting trial would look perfect.
+    assert paper_distance({"tool_recall": 0.99, "tool_count": 3.97}, TARGETS) == pytest.approx(0)
+
+
+def test_counts_report_the_gold_tool_count_of_the_scored_examples():
+    counts = ToolRetrievalCounts.zeros()
+    labels = torch.zeros(3, NUM_TOOLS)
+    labels[0, :2] = 1  # 2 tools needed
+    labels[1, :3] = 1  # 3
+    labels[2, 5] = 1   # 1
+    counts.update(torch.full((3, NUM_TOOLS), 0.9), labels, threshold=0.5)
+    metrics = counts.metrics()
+    assert metrics["gold_tool_count"] == pytest.approx(2.0)
+    assert metrics["tool_count"] == pytest.approx(16.0)
+    merged = ToolRetrievalCounts(counts.sums + counts.sums)  # what an all-reduce over two workers gives
+    assert merged.metrics()["gold_tool_count"] == pytest.approx(2.0)

@@ -34,6 +34,23 @@ def _tested(record: TrialRecord, recall: float, count: float, low: float, high: 
     return record
 
 
+def test_a_relative_count_target_is_placed_with_the_test_splits_own_gold_count():
+    """On generated data the count target is gold + 1: a test interval [3.9, 4.1] holds it when
+    the test examples need 3.0 tools, not when they need 2.5 (where 3.97 would have been 'inside')."""
+    relative = {"tool_recall": TARGETS["tool_recall"],
+                "tool_count": {"value": 1.0, "tolerance": 0.1, "relative_to": "gold_tool_count"}}
+    paper = TOOLRAG.paper_figures(relative, {})
+    needs_three = _tested(_record("three", 0.99, 4.0, 0.98, 1.0), 0.99, 4.0, 0.98, 1.0)
+    needs_three.test["gold_tool_count"] = 3.0
+    needs_less = _tested(_record("less", 0.99, 4.0, 0.98, 1.0), 0.99, 4.0, 0.98, 1.0)
+    needs_less.test["gold_tool_count"] = 2.5
+    lines = format_table([needs_three, needs_less], TOOLRAG, paper, "title").splitlines()
+    assert "tool_count gold + 1" in lines[1]
+    assert next(line for line in lines if "three" in line).split().count("yes") == 2
+    row_less = next(line for line in lines if " less " in line).split()
+    assert row_less.count("yes") == 1 and row_less.count("no") == 1
+
+
 def test_table_says_whether_the_paper_figure_is_inside_each_test_interval():
     """The paper-in-CI verdict is about the test interval, never the validation one the trial
     was selected on: here the validation figures would say the opposite."""
