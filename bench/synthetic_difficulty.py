@@ -9,8 +9,9 @@ validation as a search does, and prints:
    the plans' shape (calls, references, fan-ins, references inside text, Thought lines);
 2. a single-word probe: for each tool, the words that occur only in training queries needing
    it; the probe's all-tools recall on test (and its tools retrieved);
-3. the linear baseline (the `linear` preset: TF-IDF + logistic regression on the same 500
-   training queries) at its first warm start (pos_weight 60) and at pos_weight 1, on validation;
+3. the linear baseline (the `linear` preset: TF-IDF + logistic regression on the same training
+   queries as the transformer) at its first warm start (pos_weight 60) and at pos_weight 1, on
+   validation;
 4. the local ToolRAG preset (pretrained MiniLM) at each `--pos-weights` value, run by the real
    search (`tuning/search.py`, Ray, MLflow) with one trial per value and no early stopping,
    every other setting fixed (`--learning-rate`, `--batch-size`, the `query` template); each
@@ -86,7 +87,7 @@ def linear_section(dataset, targets) -> None:
     from trainers import toolrag_linear
     from trainers.data import query_label_split
 
-    print("\n3. Linear baseline (the linear preset: 500 training queries), on validation")
+    print("\n3. Linear baseline (the linear preset: every training query), on validation")
     preset = yaml.safe_load((PRESETS / "linear.yaml").read_text())
     space = yaml.safe_load((PROJECT / "search_spaces" / preset["search"]["space"]).read_text())
     warm = space["warm_start"][0]

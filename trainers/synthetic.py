@@ -690,7 +690,7 @@ class Request:
 
 def draw_request(rng: random.Random) -> Request:
     """One request: 1 to 4 intents whose plans total at most MAX_CALLS calls."""
-    wanted = rng.choices([1, 2, 3, 4], weights=[0.28, 0.38, 0.24, 0.10])[0]
+    wanted = rng.choices([1, 2, 3, 4], weights=[0.36, 0.4, 0.18, 0.06])[0]
     state = RequestState(PlanBuilder())
     clauses: list[str] = []
     functions = [f for f, _ in INTENTS]
