@@ -102,6 +102,11 @@ TRANSPORT = {"d": ["drive", "driving", "by car"], "w": ["walk", "walking", "on f
 
 POLITE_OPENERS = ["", "", "", "", "Please ", "Could you ", "Can you ", "Hey, ", "Hi! ", "I need you to ",
                   "Quick favor: ", "When you get a chance, ", "Would you mind helping me: ", "ok so "]
+# Openers that need a verb after them ("Can you open ..."), and the clause starts that are not
+# one ("what's on my list?", "I need to ...", "no need for ...", an aside).
+VERB_OPENERS = ("Please ", "Could you ", "Can you ", "I need you to ")
+NOT_A_VERB = ("what", "where", "how", "i ", "i'", "no ", "don't", "save the date", "the ", "my ", "since", "before",
+              "real quick", "tl;dr")
 CLOSERS = ["", "", "", ".", ".", ".", ", please.", ", thanks!", " asap.", " thank you", "!", " when you can."]
 JOINERS = [", and ", " and ", ". Also, ", ", then ", "; after that ", ". Oh and ", ", plus ", ". Then ",
            " and also ", ". And "]
@@ -707,6 +712,8 @@ def draw_request(rng: random.Random) -> Request:
     if rng.random() < 0.12:
         clauses[0] = f"{rng.choice(ASIDES)} {clauses[0]}"
     opener = rng.choice(POLITE_OPENERS)
+    if opener in VERB_OPENERS and clauses[0].lower().startswith(NOT_A_VERB):
+        opener = ""
     query = opener + (_cap(clauses[0]) if opener in ("", "Hi! ") else clauses[0])
     for clause in clauses[1:]:
         joiner = rng.choice(JOINERS)
