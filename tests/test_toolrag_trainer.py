@@ -230,3 +230,27 @@ def test_a_tiny_trial_is_reproducible_from_its_seed_and_its_figures_are_pinned(r
     again, _ = score_checkpoint(str(checkpoint), _data(small_data_dir)["val"])
     assert again["tool_recall"] == pytest.approx(best["tool_recall"])
     assert again["tool_count"] == pytest.approx(best["tool_count"])
+
+
+def test_fixed_token_embeddings_stay_fixed_while_the_rest_learns(tmp_path):
+    """freeze_word_embeddings (the local preset): an optimiser step over the parameters the
+    trainer hands AdamW moves the encoder and the head, never the token embeddings; a resumed
+    model is frozen the same way."""
+    from trainers.toolrag import apply_freezing, build_classifier
+
+    config = ToolRAGConfig.model_validate({**_tiny_config(tmp_path), "freeze_word_embeddings": True})
+    model = apply_freezing(build_classifier(config), config)
+    embeddings = model.get_input_embeddings().weight
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert not embeddings.requires_grad and len(trainable) == len(before) - 1
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    logits = model(input_ids=torch.randint(5, 1000, (4, 12)), attention_mask=torch.ones(4, 12, dtype=torch.long)).logits
+    torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.eye(4, 16)).backward()
+    optimizer.step()
+    after = dict(model.named_parameters())
+    frozen = [name for name in before if torch.equal(before[name], after[name])]
+    assert frozen == ["deberta.embeddings.word_embeddings.weight"], frozen
+
+    unfrozen = ToolRAGConfig.model_validate({**_tiny_config(tmp_path), "freeze_word_embeddings": False})
+    assert apply_freezing(build_classifier(unfrozen), unfrozen).get_input_embeddings().weight.requires_grad
