@@ -27,6 +27,7 @@ pos_weight in the searched range at 0.99 or above, with tools retrieved rising a
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -59,8 +60,6 @@ def label_section(folder: Path, dataset) -> None:
     print("  tool share (train, of examples needing it):")
     for tool in TOOL_NAMES:
         print(f"    {tool:<24} {shares[tool] / len(dataset.train):6.1%}")
-    import json
-
     records = json.loads((folder / "training_data.json").read_text())
     shape = synthetic.plan_shape_statistics(records)
     lengths = Counter(len(r["output"][0]["parsed_output"]) - 1 for r in records.values())
