@@ -69,6 +69,8 @@ class ToolRAGConfig(BaseModel):
     pos_weight: float = Field(1.0, gt=0, description="Weight of positive labels in BCEWithLogitsLoss, same for all 16.")
     learning_rate: float = Field(4e-5, gt=0, lt=1)
     batch_size: int = Field(128, ge=1, description="Global batch size, split across workers.")
+    length_grouping: int = Field(16, ge=1, description="Batches whose inputs are sorted together by length, so a "
+                                                      "batch pads little; 1 keeps the shuffled order.")
     epochs: int = Field(6, ge=1)
     warmup_ratio: float = Field(0.33, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
@@ -271,7 +273,7 @@ class ToolRAGTrainer(EpochTrainer):
         cost = EpochCost()
         self.collate.pad_tokens = self.collate.total_tokens = 0
         for indices in length_grouped_batches(self.lengths, self.per_worker_batch, epoch, self.config.seed,
-                                              self.rank, self.world):
+                                              self.rank, self.world, group=self.config.length_grouping):
             batch = self.collate(indices)
             with autocast(self.device, self.config.bf16):
                 logits = self.model(input_ids=batch["input_ids"].to(self.device),
