@@ -87,6 +87,13 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
                                                      "--experiment-name"),
         "linear preset with a model source": (
             ["--preset", str(_linear_preset(tmp, model={"name_or_path": str(minilm)}))], "takes no model source"),
+        "toolrag search evaluated with toolrag": (["--evaluate-with-toolrag", str(minilm)], "only a planner search"),
+        "evaluation toolrag missing": (["--model", "planner", "--evaluate-with-toolrag", str(tmp / "no-toolrag")],
+                                       "--evaluate-with-toolrag"),
+        "evaluation toolrag not a toolrag": (["--model", "planner", "--evaluate-with-toolrag", str(minilm)],
+                                             "not a toolrag or toolrag-linear checkpoint"),
+        "with-toolrag target without a toolrag model": (
+            ["--model", "planner", "--preset", str(_planner_preset_with_toolrag_target(tmp))], "--evaluate-with-toolrag"),
     }
 
 
@@ -99,7 +106,20 @@ CASE_NAMES = [
     "val fraction zero", "val fraction too large", "too little data to carve validation",
     "preset value outside the space", "linear with a model path", "linear space for the transformer",
     "preset of an unknown family", "linear preset with a model source", "preset file name unfit for an experiment",
+    "toolrag search evaluated with toolrag", "evaluation toolrag missing", "evaluation toolrag not a toolrag",
+    "with-toolrag target without a toolrag model",
 ]
+
+
+def _planner_preset_with_toolrag_target(tmp: Path) -> Path:
+    """The shipped tiny planner preset, measured from the paper's with-ToolRAG figure."""
+    import yaml
+
+    preset = yaml.safe_load((PROJECT / "search_spaces" / "presets" / "planner" / "tiny.yaml").read_text())
+    preset["trainer"]["paper_target"] = "plan_success_with_toolrag"
+    path = tmp / "planner-with-toolrag.yaml"
+    path.write_text(yaml.safe_dump(preset))
+    return path
 
 
 def _preset_named(tmp: Path, name: str) -> Path:

@@ -19,15 +19,39 @@ Z_95 = 1.959963984540054
 
 
 def wilson_interval(successes: float, total: float, z: float = Z_95) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion; (0, 1) when total is 0."""
+    """95% Wilson score interval of a proportion (statsmodels' `proportion_confint`, whose
+    default method is not Wilson); (0, 1) when total is 0."""
+    from statsmodels.stats.proportion import proportion_confint
+
     if total <= 0:
         return 0.0, 1.0
     p = successes / total
-    denominator = 1 + z * z / total
-    centre = (p + z * z / (2 * total)) / denominator
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
+    low, high = proportion_confint(successes, total, alpha=2 * (1 - _normal_cdf(z)), method="wilson")
     # Rounding can put a bound a hair inside the estimate at p = 0 or 1; keep p inside.
-    return max(0.0, min(centre - half, p)), min(1.0, max(centre + half, p))
+    return max(0.0, min(float(low), p)), min(1.0, max(float(high), p))
+
+
+def _normal_cdf(x: float) -> float:
+    return 0.5 * (1 + math.erf(x / math.sqrt(2)))
+
+
+def mcnemar_exact(first: list[bool], second: list[bool]) -> dict[str, float]:
+    """Paired comparison of two per-example outcomes: the 2x2 table and McNemar's exact test
+    (a two-sided binomial test on the discordant pairs, statsmodels' `mcnemar(exact=True)`).
+
+    Keys: both, first_only, second_only, neither (counts) and p_value.
+    """
+    from statsmodels.stats.contingency_tables import mcnemar
+
+    if len(first) != len(second):
+        raise ValueError(f"paired outcomes differ in length: {len(first)} and {len(second)}")
+    both = sum(a and b for a, b in zip(first, second))
+    first_only = sum(a and not b for a, b in zip(first, second))
+    second_only = sum(b and not a for a, b in zip(first, second))
+    neither = len(first) - both - first_only - second_only
+    result = mcnemar([[both, first_only], [second_only, neither]], exact=True)
+    return {"both": both, "first_only": first_only, "second_only": second_only, "neither": neither,
+            "p_value": float(result.pvalue)}
 
 
 def mean_interval(total: float, total_of_squares: float, count: float, z: float = Z_95) -> tuple[float, float]:

@@ -53,10 +53,21 @@ def prompt_token_ids(tokenizer: Any, messages: list[tuple[str, str]], template: 
     left for the plan is the same `max_new_tokens` the model may generate. A cut prompt loses its
     beginning (the tool list), never the question.
     """
+    return cut_prompt(tokenizer, full_prompt_ids(tokenizer, messages, template), max_length, max_new_tokens)
+
+
+def full_prompt_ids(tokenizer: Any, messages: list[tuple[str, str]], template: str) -> list[int]:
+    """BOS + the rendered prompt's ids, uncut: its length is the prompt's true token count."""
     ids = tokenizer(render_prompt(messages, template, tokenizer), add_special_tokens=False)["input_ids"]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
+
+
+def cut_prompt(tokenizer: Any, ids: list[int], max_length: int, max_new_tokens: int) -> tuple[list[int], bool]:
+    """`full_prompt_ids` cut as `prompt_token_ids` describes: (ids, whether it was cut)."""
+    bos = ids[:1] if tokenizer.bos_token_id is not None else []
+    body = ids[len(bos):]
     room = max(1, max_length - max_new_tokens - len(bos))
-    return bos + ids[-room:], len(ids) > room
+    return bos + body[-room:], len(body) > room
 
 
 def encode_example(tokenizer: Any, messages: list[tuple[str, str]], plan: str, template: str,

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from trainers.data import normalize_query
-from trainers.tools import END_OF_PLAN, JOIN_TOOL, TOOL_NAMES, TOOLS
+from trainers.tools import END_OF_PLAN, JOIN_TOOL, TOOL_NAMES, TOOLS, Tool
 
 # Bumped whenever the same seed would give other data: cached folders carry it in their name,
 # so data from an older generator is never reused by mistake.
@@ -655,14 +655,15 @@ def _closing_thought(done: list[str]) -> str:
     return f"I have {said}."
 
 
-def planner_system_prompt(examples: list[tuple[str, str]]) -> str:
-    """An LLMCompiler-style planner prompt: tool list, guidelines, in-context examples."""
-    tool_lines = [f"{i}. {tool.name}{tool.signature}\n - {tool.description}" for i, tool in enumerate(TOOLS, start=1)]
-    tool_lines.append(f"{len(TOOLS) + 1}. join():\n - Collects and combines results from prior actions.")
+def planner_system_prompt(examples: list[tuple[str, str]], tools: tuple[Tool, ...] = TOOLS) -> str:
+    """An LLMCompiler-style planner prompt: tool list, guidelines, in-context examples.
+    `tools` narrows the list, as TinyAgent does with the tools ToolRAG retrieves."""
+    tool_lines = [f"{i}. {tool.name}{tool.signature}\n - {tool.description}" for i, tool in enumerate(tools, start=1)]
+    tool_lines.append(f"{len(tools) + 1}. join():\n - Collects and combines results from prior actions.")
     example_text = "\n###\n".join(f"Question: {q}\n{p}{END_OF_PLAN}" for q, p in examples)
     return (
         "Given a user query, create a plan to solve it with the utmost parallelizability. "
-        f"Each plan should comprise an action from the following {len(TOOLS) + 1} types:\n"
+        f"Each plan should comprise an action from the following {len(tools) + 1} types:\n"
         + "\n".join(tool_lines)
         + "\n\nGuidelines:\n"
         " - Each action described above contains input/output types and description.\n"

@@ -336,3 +336,25 @@ def score_checkpoint(directory: str, split: dict[str, list], device: torch.devic
     metrics = _evaluate(model, encoded, int(tokenizer.pad_token_id or 0), config, device, rank=0, world=1)
     metrics[names.PAPER_DISTANCE] = paper_distance(metrics, {k: t.model_dump() for k, t in config.targets.items()})
     return metrics, []
+
+
+def predict_probabilities(directory: str, queries: list[str], device: torch.device | None = None,
+                          batch_size: int = 64) -> torch.Tensor:
+    """[n, 16] probability that each tool is needed (columns in TOOL_NAMES order), from a
+    checkpoint folder, for queries rendered by the checkpoint's own template."""
+    from transformers import AutoTokenizer
+
+    device = device or torch.device("cpu")
+    model, config = load_checkpoint(directory)
+    model.to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    inputs = render_inputs(queries, config.prompt_template)
+    chunks = []
+    with torch.no_grad(), autocast(device, config.bf16):
+        for start in range(0, len(inputs), batch_size):
+            batch = tokenizer(inputs[start : start + batch_size], truncation=True, max_length=config.max_length,
+                              padding=True, return_tensors="pt")
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits
+            chunks.append(torch.sigmoid(logits.float()).cpu())
+    return torch.cat(chunks) if chunks else torch.zeros((0, NUM_TOOLS))

@@ -74,6 +74,8 @@ class Inputs:
     dataset: Dataset
     # The parent run of the interrupted search `--resume` continues.
     resumed_run: Any = None
+    # The ToolRAG model `--evaluate-with-toolrag` names (tuning.pipeline_eval.ResolvedModel).
+    evaluation_toolrag: Any = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,8 @@ class PreparedSearch:
     test_data: Any = None
     # Figures about the data that could not be prevented, for the parent run.
     data_metrics: dict[str, float] = field(default_factory=dict)
+    # With --evaluate-with-toolrag: the ToolRAG model the closest planner is evaluated with.
+    evaluation_toolrag: Any = None
 
 
 # ----- step 1: the flags ------------------------------------------------------------------
@@ -253,6 +257,7 @@ def load_inputs(args: argparse.Namespace, locations: Locations) -> Inputs:
         if problem:
             raise UserError(problem)
     preset_fixed, warm_start = layer_preset_over_space(preset.trainer, preset_file, space, space_file)
+    evaluation_toolrag = _evaluation_toolrag(args, spec, preset_fixed, preset_file, locations)
     dataset = _load_data(args, preset, locations.results_dir)
     if builds_base:
         model_path = spec.base_folder(locations.results_dir / "cache", dataset.split_fingerprint,
@@ -261,7 +266,29 @@ def load_inputs(args: argparse.Namespace, locations: Locations) -> Inputs:
     return Inputs(spec=spec, preset=preset, preset_name=preset_name, preset_file=preset_file, space=space,
                   space_file=space_file, targets=targets, mlflow_experiment=mlflow_experiment,
                   preset_fixed=preset_fixed, warm_start=warm_start, model_path=model_path,
-                  model_source=model_source, builds_base=builds_base, dataset=dataset, resumed_run=resumed_run)
+                  model_source=model_source, builds_base=builds_base, dataset=dataset, resumed_run=resumed_run,
+                  evaluation_toolrag=evaluation_toolrag)
+
+
+def _evaluation_toolrag(args: argparse.Namespace, spec: ModelSpec, preset_fixed: dict[str, Any], preset_file: Path,
+                        locations: Locations):
+    """The ToolRAG model --evaluate-with-toolrag names, as a local folder, or None. A planner
+    preset measured from the paper's with-ToolRAG figure cannot run without one: its figure
+    would otherwise be taken on prompts that hold every tool."""
+    from tuning.pipeline_eval import TOOLRAG_KINDS, resolve_model
+
+    given = getattr(args, "evaluate_with_toolrag", None)
+    if given is None:
+        if preset_fixed.get("paper_target") == names.PLAN_SUCCESS_WITH_TOOLRAG:
+            raise UserError(f"{preset_file}: paper_target {names.PLAN_SUCCESS_WITH_TOOLRAG} is measured with ToolRAG "
+                            "building the prompts; pass --evaluate-with-toolrag URI (a ToolRAG model, e.g. "
+                            "models:/tinyagent-toolrag@closest-to-paper)")
+        return None
+    if spec.task != "planner":
+        raise UserError(f"--evaluate-with-toolrag: only a planner search is evaluated with a ToolRAG model "
+                        f"(this is a {spec.task} search)")
+    return resolve_model(given, "--evaluate-with-toolrag", locations.tracking_uri,
+                         locations.results_dir / "cache" / "models", TOOLRAG_KINDS)
 
 
 # ----- step 3: the plan -------------------------------------------------------------------
@@ -355,6 +382,7 @@ def plan_search(args: argparse.Namespace, locations: Locations, inputs: Inputs) 
         parent_tags={"git_commit": _git_commit(), "storage": redact_uri(locations.storage), TUNE_RUN_TAG: tune_name},
         base_build=base_build, resume_parent_id=inputs.resumed_run.info.run_id if inputs.resumed_run else None,
         test_data=spec.split_payload(dataset.test), data_metrics=data_metrics(dataset),
+        evaluation_toolrag=inputs.evaluation_toolrag,
     )
 
 
@@ -516,7 +544,32 @@ def execute(prepared: PreparedSearch) -> int:
     except MlflowException as error:  # a comparison the store cannot give must not hide the search's own table
         print(f"[mlflow] could not compare with other models' searches: {str(error).splitlines()[0]}", flush=True)
     print(report.format_closing(prepared, outcome, tracker))
+    if prepared.evaluation_toolrag is not None:
+        _evaluate_closest_with_toolrag(prepared, outcome)
     return exit_code(outcome)
+
+
+def _evaluate_closest_with_toolrag(prepared: PreparedSearch, outcome: Outcome) -> None:
+    """--evaluate-with-toolrag: the closest trial (chosen on validation), on the test split,
+    with ToolRAG building its prompts and without, printed under the closing table."""
+    from tuning import pipeline_eval
+
+    closest = next((r for r in outcome.ranked if r.checkpoint_path and Path(r.checkpoint_path).is_dir()), None)
+    if closest is None:
+        print("[evaluate] no trial left a checkpoint: nothing to evaluate with ToolRAG", flush=True)
+        return
+    name = prepared.spec.registered_model
+    planner = pipeline_eval.ResolvedModel(
+        given=f"models:/{name}/{outcome.registered_version}" if outcome.registered_version else closest.checkpoint_path,
+        folder=Path(closest.checkpoint_path), kind="planner", registered_name=name if outcome.registered_version else None,
+        registered_version=outcome.registered_version, run_id=closest.run_id)
+    paper = {f"plan_success_{way}": prepared.targets[target]["value"]
+             for way, target in (("full", names.PLAN_SUCCESS), ("with_toolrag", names.PLAN_SUCCESS_WITH_TOOLRAG))
+             if target in prepared.targets}
+    print(f"[evaluate] the closest trial with ToolRAG {prepared.evaluation_toolrag.label}, on the test split", flush=True)
+    pipeline_eval.evaluate(planner, prepared.evaluation_toolrag, None, prepared.dataset, "test", None,
+                           prepared.tracking_uri, pipeline_eval.EVALUATION_EXPERIMENT, paper=paper,
+                           results_dir=prepared.results_dir)
 
 
 def exit_code(outcome: Outcome) -> int:

@@ -67,6 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="continue the latest interrupted search of this experiment, given the same options: "
                              "ended trials are kept, interrupted ones continue from their last checkpoint, and the "
                              "MLflow parent run continues")
+    parser.add_argument("--evaluate-with-toolrag", metavar="URI",
+                        help="(planner) after the search, score the closest trial on the test split with this "
+                             "ToolRAG model building its prompts, as TinyAgent does, and without: "
+                             "models:/NAME@ALIAS, runs:/RUN_ID/model or a checkpoint folder (see tuning/evaluate.py)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
