@@ -1,6 +1,6 @@
 """Planner evaluation throughput and training-batch padding, against their baselines in one run.
 
-    python bench/planner_generation.py [--prompts 64] [--repeats 3] [--model-path DIR]
+    python bench/planner_generation.py [--prompts 64] [--repeats 3] [--model-path DIR] [--pipeline-examples 100]
 
 1. Throughput: plans per second when the same model writes plans for the same test prompts
    - one at a time through a `transformers` text-generation pipeline (the baseline: how the
@@ -9,6 +9,11 @@
      what every trial runs).
    Both are greedy with the same stop rule, so they must write the same plans; the script
    checks that. Medians over --repeats runs, and their ratio.
+3. The pipeline evaluation (tuning/evaluate.py): seconds per 100 test examples for ToolRAG,
+   choosing in-context examples, and the planner writing every plan twice (full prompt and
+   ToolRAG's), against the planner alone writing the same examples' plans on its full prompt
+   (what the search's test scoring costs). A local-preset ToolRAG (pretrained MiniLM layers,
+   untrained head) and the random planner above, saved as checkpoints.
 2. Padding waste in training batches of the local preset's examples: pad tokens as a share of
    all tokens, with batches drawn at random against batches grouped by length
    (`trainers.batching.length_grouped_batches`), for the batch sizes the search tries.
@@ -135,11 +140,61 @@ def padding(dataset, preset, folder: Path) -> None:
               f"(ratio {after / before:.2f}; target <= 10%)")
 
 
+def pipeline_time(args, dataset, preset, folder: Path) -> None:
+    from trainers import pipeline, planner, toolrag
+    from trainers.models import resolve_source
+
+    model, tokenizer, path = _model_and_tokenizer(None, dataset, preset["model"]["architecture"],
+                                                  preset["model"]["build_base"]["vocab_size"], folder / "base-tok")
+    model.save_pretrained(folder / "base")
+    tokenizer.save_pretrained(folder / "base")
+    config = PlannerConfig.model_validate({**preset["trainer"], "model_path": str(folder / "base"),
+                                           "prompt_template": "instruct",
+                                           "targets": {"plan_success": {"value": 0.78, "tolerance": 0.03}}})
+    planner._save_checkpoint(planner.build_lora_model(config), tokenizer, config, str(folder / "planner"))
+    toolrag_preset = yaml.safe_load((PROJECT / "search_spaces" / "presets" / "toolrag" / "local.yaml").read_text())
+    minilm = resolve_source(toolrag_preset["model"]["name_or_path"], "model", "--model-path")
+    toolrag_config = toolrag.ToolRAGConfig.model_validate({
+        **toolrag_preset["trainer"], "model_path": str(minilm), "cache_dir": str(folder / "cache"),
+        "targets": {"tool_recall": {"value": 0.99, "tolerance": 0.01}, "tool_count": {"value": 3.97, "tolerance": 0.1}}})
+    from transformers import AutoTokenizer
+
+    toolrag._save_checkpoint(toolrag.build_classifier(toolrag_config), AutoTokenizer.from_pretrained(minilm),
+                             toolrag_config, str(folder / "toolrag"))
+    examples = dataset.test[: args.pipeline_examples]
+    pool = pipeline.example_pool(dataset.train)
+    alone_runs, pipeline_runs, parts = [], [], []
+    for repeat in range(args.repeats):
+        loaded = pipeline.load_planner(folder / "planner")
+        started = time.perf_counter()
+        prompts = [prompt_ids(loaded.tokenizer, e.messages, config) for e in examples]
+        generate_plans(loaded.model, loaded.tokenizer, prompts, config.max_new_tokens, config.eval_batch_size,
+                       torch.device("cpu"))
+        alone_runs.append(100 * (time.perf_counter() - started) / len(examples))
+        started = time.perf_counter()
+        result = pipeline.evaluate_pipeline(folder / "planner", folder / "toolrag", examples, pool, minilm,
+                                            progress=lambda line: None)
+        pipeline_runs.append(100 * (time.perf_counter() - started) / len(examples))
+        parts.append({k: 100 * v / len(examples) for k, v in result.seconds.items()})
+        print(f"  run {repeat + 1}: planner alone {alone_runs[-1]:.1f} s/100, pipeline evaluation "
+              f"{pipeline_runs[-1]:.1f} s/100", flush=True)
+    alone, whole = statistics.median(alone_runs), statistics.median(pipeline_runs)
+    print(f"Pipeline evaluation ({len(examples)} test examples, {len(pool)} training examples to choose from, "
+          f"up to {config.max_new_tokens} new tokens, {torch.get_num_threads()} threads), seconds per 100 examples:")
+    for name, label in (("toolrag", "ToolRAG"), ("examples", "encode the pool and choose examples"),
+                        ("planner", "planner, both prompts")):
+        print(f"  {label + ':':<40} median {statistics.median(p[name] for p in parts):.1f}")
+    print(f"  {'whole evaluation (loading included):':<40} median {whole:.1f}")
+    print(f"  {'baseline, planner alone on its prompt:':<40} median {alone:.1f}")
+    print(f"  ratio: {whole / alone:.1f}x the planner alone (it writes every plan twice)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model-path", help="a planner base folder (default: local architecture, random weights)")
+    parser.add_argument("--pipeline-examples", type=int, default=100, help="test examples for section 3 (0 skips it)")
     args = parser.parse_args()
     preset = yaml.safe_load(LOCAL_PRESET.read_text())
     with tempfile.TemporaryDirectory() as temp:
@@ -148,6 +203,8 @@ def main() -> None:
         dataset = load_dataset_dir(data_dir)
         throughput(args, dataset, preset, Path(temp))
         padding(dataset, preset, Path(args.model_path) if args.model_path else Path(temp))
+        if args.pipeline_examples:
+            pipeline_time(args, dataset, preset, Path(temp))
 
 
 if __name__ == "__main__":

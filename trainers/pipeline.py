@@ -92,20 +92,43 @@ class SentenceEncoder:
         from transformers import AutoModel, AutoTokenizer
 
         self.device = device or torch.device("cpu")
+        self.folder = Path(folder).resolve()
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.model = AutoModel.from_pretrained(folder).to(self.device).eval()
 
-    def encode(self, texts: list[str], batch_size: int = 128) -> torch.Tensor:
-        chunks = []
-        with torch.no_grad():
-            for start in range(0, len(texts), batch_size):
-                batch = self.tokenizer(texts[start : start + batch_size], padding=True, truncation=True,
-                                       max_length=128, return_tensors="pt").to(self.device)
+    def encode(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+        """[len(texts), dim], in input order; batches of similar length, so they pad little."""
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        vectors: list[torch.Tensor | None] = [None] * len(texts)
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                batch = self.tokenizer([texts[i] for i in rows], padding=True, truncation=True, max_length=128,
+                                       return_tensors="pt").to(self.device)
                 hidden = self.model(**batch).last_hidden_state
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-                chunks.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())
-        return torch.cat(chunks) if chunks else torch.zeros((0, 1))
+                pooled = torch.nn.functional.normalize((hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0), dim=-1)
+                for row, index in enumerate(rows):
+                    vectors[index] = pooled[row].cpu()
+        return torch.stack(vectors) if texts else torch.zeros((0, 1))
+
+    def encode_cached(self, texts: list[str], cache_dir: Path | None) -> torch.Tensor:
+        """`encode`, kept in `cache_dir` under a hash of the encoder and the texts: the pool of
+        training examples is the same for every evaluation of one dataset."""
+        if cache_dir is None:
+            return self.encode(texts)
+        import hashlib
+
+        digest = hashlib.sha256("\n".join([str(self.folder), *texts]).encode()).hexdigest()[:16]
+        path = Path(cache_dir) / f"sentence-vectors-{digest}.pt"
+        if path.is_file():
+            return torch.load(path, weights_only=True)
+        vectors = self.encode(texts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        torch.save(vectors, partial)
+        partial.replace(path)  # whole or absent
+        return vectors
 
 
 def select_examples(query_vector: torch.Tensor, pool_vectors: torch.Tensor, pool: list[PoolExample],
@@ -206,8 +229,8 @@ def _paired(prefix: str, first: list[bool], second: list[bool]) -> dict[str, flo
 
 def evaluate_pipeline(planner_folder: Path, toolrag_folder: Path, examples: list[Example], pool: list[PoolExample],
                       encoder_folder: Path, reference_folder: Path | None = None, reference_template: str | None = None,
-                      device: torch.device | None = None,
-                      progress: Callable[[str], None] = print) -> PipelineEvaluation:
+                      device: torch.device | None = None, progress: Callable[[str], None] = print,
+                      cache_dir: Path | None = None) -> PipelineEvaluation:
     """Score the planner on `examples` with its full prompt and with ToolRAG's, and, when given,
     a reference planner on the same prompts. Figures (rates with 95% Wilson intervals):
 
@@ -235,7 +258,7 @@ def evaluate_pipeline(planner_folder: Path, toolrag_folder: Path, examples: list
 
     started = time.perf_counter()
     encoder = SentenceEncoder(encoder_folder, device)
-    pool_vectors = encoder.encode([example.query for example in pool])
+    pool_vectors = encoder.encode_cached([example.query for example in pool], cache_dir)
     query_vectors = encoder.encode(queries)
     chosen = [select_examples(query_vectors[i], pool_vectors, pool, tools[i]) for i in range(len(examples))]
     seconds["examples"] = time.perf_counter() - started

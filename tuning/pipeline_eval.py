@@ -261,7 +261,8 @@ def evaluate(planner: ResolvedModel, toolrag: ResolvedModel, reference: Resolved
           "training examples", flush=True)
     result = pipeline.evaluate_pipeline(planner.folder, toolrag.folder, examples, pipeline.example_pool(dataset.train),
                                         encoder, reference.folder if reference else None, reference_template,
-                                        progress=lambda line: print(line, flush=True))
+                                        progress=lambda line: print(line, flush=True),
+                                        cache_dir=results_dir / "cache" / "sentence-vectors" if results_dir else None)
     models = {"planner": planner, "toolrag": toolrag} | ({"reference": reference} if reference else {})
     params = {"split": split, "examples": len(examples), "data_source": dataset.source,
               "data_split": dataset.split_fingerprint, "encoder": pipeline.ENCODER_SOURCE,
