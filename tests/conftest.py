@@ -46,3 +46,25 @@ def _trial_or_parent_runs(uri: str, experiment: str, kind: str):
 @pytest.fixture
 def mlflow_runs():
     return _trial_or_parent_runs
+
+
+@pytest.fixture(scope="session")
+def toolrag_checkpoint(tmp_path_factory) -> Path:
+    """A ToolRAG checkpoint folder as a trial writes it: the tiny preset's model, untrained."""
+    import yaml
+    from transformers import AutoTokenizer
+
+    from trainers import toolrag
+    from trainers.models import resolve_source
+
+    project = Path(__file__).resolve().parent.parent
+    preset = yaml.safe_load((project / "search_spaces" / "presets" / "toolrag" / "tiny.yaml").read_text())
+    minilm = resolve_source(preset["model"]["name_or_path"], "model", "--model-path")
+    folder = tmp_path_factory.mktemp("toolrag-checkpoint")
+    config = toolrag.ToolRAGConfig(
+        model_path=str(minilm), architecture=preset["model"]["architecture"], cache_dir=str(folder / "cache"),
+        max_length=48, targets={"tool_recall": {"value": 0.99, "tolerance": 0.01},
+                                "tool_count": {"value": 3.97, "tolerance": 0.1}})
+    toolrag._save_checkpoint(toolrag.build_classifier(config), AutoTokenizer.from_pretrained(minilm), config,
+                             str(folder / "model"))
+    return folder / "model"

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from trainers import pipeline
 from trainers.data import load_dataset_dir
@@ -25,7 +24,6 @@ TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, 
               "num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 512,
               "tie_word_embeddings": True}
 PLANNER_TARGETS = {"plan_success": {"value": 0.78, "tolerance": 0.03}}
-TOOLRAG_TARGETS = {"tool_recall": {"value": 0.99, "tolerance": 0.01}, "tool_count": {"value": 3.97, "tolerance": 0.1}}
 MEMORISED = 2  # test examples the fixture planner learns by heart, on its own (compact) prompt
 EVALUATED = 6  # the first test examples; the memorised ones are the two shortest plans among them
 
@@ -106,11 +104,10 @@ def _memorise(model, tokenizer, config, examples) -> None:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(small_data_dir, tmp_path_factory) -> dict[str, Path]:
+def checkpoints(small_data_dir, toolrag_checkpoint, tmp_path_factory) -> dict[str, Path]:
     """A planner that knows the first MEMORISED test plans by heart (on its compact prompt), the
     same planner before training (LoRA starts as the identity), and an untrained ToolRAG."""
-    from trainers import planner, toolrag
-    from trainers.models import resolve_source
+    from trainers import planner
     from trainers.planner_base import BaseBuildSettings, build_base_from_examples
 
     dataset = load_dataset_dir(small_data_dir)
@@ -129,16 +126,8 @@ def checkpoints(small_data_dir, tmp_path_factory) -> dict[str, Path]:
     _memorise(memorised, tokenizer, config, [{"messages": [list(m) for m in e.messages], "plan": e.plan} for e in shortest])
     planner._save_checkpoint(memorised, tokenizer, config, str(root / "planner-memorised"))
 
-    preset = yaml.safe_load((PROJECT / "search_spaces" / "presets" / "toolrag" / "tiny.yaml").read_text())
-    minilm = resolve_source(preset["model"]["name_or_path"], "model", "--model-path")
-    toolrag_config = toolrag.ToolRAGConfig(model_path=str(minilm), architecture=preset["model"]["architecture"],
-                                           cache_dir=str(root / "cache"), targets=TOOLRAG_TARGETS, max_length=48)
-    from transformers import AutoTokenizer
-
-    toolrag._save_checkpoint(toolrag.build_classifier(toolrag_config), AutoTokenizer.from_pretrained(minilm),
-                             toolrag_config, str(root / "toolrag"))
     return {"memorised": root / "planner-memorised", "untrained": root / "planner-untrained",
-            "toolrag": root / "toolrag", "data": small_data_dir, "memorised_keys": sorted(e.key for e in shortest)}
+            "toolrag": toolrag_checkpoint, "data": small_data_dir, "memorised_keys": sorted(e.key for e in shortest)}
 
 
 def _register(tracking_uri: str, folder: Path, name: str) -> str:

@@ -110,7 +110,7 @@ PLANNER_PARAMS = ("learning_rate", "batch_size", "prompt_template", "lora_r", "l
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_planner_smoke_search_tracks_trials_templates_and_plans(tmp_path, mlflow_runs):
+def test_planner_smoke_search_tracks_trials_templates_and_plans(tmp_path, mlflow_runs, toolrag_checkpoint):
     """`--model planner --smoke`: the base is built, LoRA trials run, MLflow holds each trial's
     params, plan_success and sample plans, and the closest adapter is registered."""
     uri = f"sqlite:///{tmp_path / 'planner.db'}"
@@ -150,11 +150,23 @@ def test_planner_smoke_search_tracks_trials_templates_and_plans(tmp_path, mlflow
     sample = json.loads(sorted(folder.glob("*.json"))[-1].read_text())
     assert {"question", "generated", "target", "plan_success"} <= set(sample[0])
 
-    # A second search in the same results folder reuses the data, the base and the sqlite store.
-    again = subprocess.run(command + ["--num-samples", "1"], cwd=PROJECT, capture_output=True,
-                           text=True, timeout=900)
+    # A second search in the same results folder reuses the data, the base and the sqlite store;
+    # its closest trial is then evaluated with a ToolRAG model building its prompts.
+    again = subprocess.run(command + ["--num-samples", "1", "--evaluate-with-toolrag", str(toolrag_checkpoint)],
+                           cwd=PROJECT, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "[base] using the base model cached" in again.stdout
+    closing = again.stdout[again.stdout.index("Closest to the paper"):]
+    assert "Pipeline evaluation on the test split (24 examples)" in closing
+    assert "plan success, with ToolRAG:" in closing and "(paper 0.8006)" in closing
+    (evaluation,) = client.search_runs([client.get_experiment_by_name("tinyagent-evaluation").experiment_id])
+    assert evaluation.data.metrics["examples"] == 24
+    assert {"plan_success_full", "plan_success_with_toolrag", "mcnemar_full_vs_toolrag_p_value",
+            "toolrag_tool_recall", "prompt_token_ratio"} <= set(evaluation.data.metrics)
+    latest = client.get_model_version_by_alias("tinyagent-planner", "closest-to-paper")
+    assert latest.version != version.version
+    assert evaluation.data.params["planner_registered"] == f"tinyagent-planner/{latest.version}"
+    assert latest.tags["evaluation_run_id"] == evaluation.info.run_id
 
 
 @pytest.mark.ray
