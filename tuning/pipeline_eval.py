@@ -19,7 +19,7 @@ from tuning.tracking import DATA_SPLIT_TAG, redact_uri
 
 MLFLOW_SCHEMES = ("models:/", "runs:/")
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
-PLANNER_KINDS, TOOLRAG_KINDS = ("planner",), ("toolrag", "toolrag-linear")
+PLANNER, TOOLRAG, REFERENCE = pipeline.PLANNER, pipeline.TOOLRAG, pipeline.REFERENCE
 EVALUATION_EXPERIMENT = "tinyagent-evaluation"
 
 
@@ -46,9 +46,11 @@ def _mlflow_error(error: Exception) -> str:
 
 
 def resolve_model(given: str, flag: str, tracking_uri: str, download_root: Path,
-                  kinds: tuple[str, ...]) -> ResolvedModel:
-    """A local checkpoint folder for `given`; UserError (or SourceUnavailable for a hub id
-    offline) with one line naming `flag` when it cannot be had or is not one of `kinds`."""
+                  role: str) -> ResolvedModel:
+    """A local checkpoint folder for `given`, to serve as `role` (trainers.pipeline.ROLE_KINDS);
+    UserError (or SourceUnavailable for a hub id offline) with one line naming `flag` when it
+    cannot be had or cannot serve."""
+    kinds = pipeline.ROLE_KINDS[role]
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -153,7 +155,7 @@ def record(tracking_uri: str, experiment: str, models: dict[str, ResolvedModel],
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else client.create_experiment(experiment, artifact_location)
-    run = client.create_run(experiment_id, run_name=f"pipeline-{models['planner'].label}".replace(" ", "-"),
+    run = client.create_run(experiment_id, run_name=f"pipeline-{models[PLANNER].label}".replace(" ", "-"),
                             tags={"evaluation": "pipeline"})
     run_id = run.info.run_id
     try:
@@ -207,7 +209,7 @@ def format_figures(figures: dict[str, float], models: dict[str, ResolvedModel], 
         return f"   (paper {paper[name]:g})" if paper and name in paper else ""
 
     lines = [f"Pipeline evaluation on the {split} split ({int(figures['examples'])} examples): planner "
-             f"{models['planner'].label}, ToolRAG {models['toolrag'].label}",
+             f"{models[PLANNER].label}, ToolRAG {models[TOOLRAG].label}",
              f"  ToolRAG: tool recall {_cell(figures, 'toolrag_tool_recall')}, "
              f"{figures['toolrag_tool_count']:.2f} tools per query [{figures['toolrag_tool_count_ci_low']:.2f}, "
              f"{figures['toolrag_tool_count_ci_high']:.2f}] where the queries need {figures['toolrag_gold_tool_count']:.2f}",
@@ -225,10 +227,10 @@ def format_figures(figures: dict[str, float], models: dict[str, ResolvedModel], 
         lines.append(f"  prompts longer than the planner's max_length - max_new_tokens, cut from the start: "
                      f"{int(figures['prompts_cut_full'])} full, {int(figures['prompts_cut_with_toolrag'])} with ToolRAG")
     if "reference_plan_success_full" in figures:
-        lines += [f"  reference planner {models['reference'].label}:",
+        lines += [f"  reference planner {models[REFERENCE].label}:",
                   f"    plan success, full prompt:  {_cell(figures, 'reference_plan_success_full')}",
                   f"    plan success, with ToolRAG: {_cell(figures, 'reference_plan_success_with_toolrag')}"]
-        for way, title in (("full", "full prompt"), ("toolrag", "with ToolRAG")):
+        for way, title in ((pipeline.FULL, "full prompt"), (pipeline.WITH_TOOLRAG, "with ToolRAG")):
             lines += ["  " + line for line in _table(figures, f"mcnemar_candidate_vs_reference_{way}", "candidate",
                                                        "reference", f"candidate vs reference, {title}")]
     lines.append(f"  {figures['seconds_per_100_examples']:.0f} s per 100 examples, every prompt and model included")
@@ -263,7 +265,7 @@ def evaluate(planner: ResolvedModel, toolrag: ResolvedModel, reference: Resolved
                                         encoder, reference.folder if reference else None, reference_template,
                                         progress=lambda line: print(line, flush=True),
                                         cache_dir=results_dir / "cache" / "sentence-vectors" if results_dir else None)
-    models = {"planner": planner, "toolrag": toolrag} | ({"reference": reference} if reference else {})
+    models = {PLANNER: planner, TOOLRAG: toolrag} | ({REFERENCE: reference} if reference else {})
     params = {"split": split, "examples": len(examples), "data_source": dataset.source,
               "data_split": dataset.split_fingerprint, "encoder": pipeline.ENCODER_SOURCE,
               "top_k_examples": pipeline.TOP_K_EXAMPLES, "retrieval_threshold": pipeline.RETRIEVAL_THRESHOLD,
@@ -286,10 +288,10 @@ def run_evaluation(args: argparse.Namespace) -> int:
     tracking_uri = args.tracking_uri or default_tracking_uri(args.results_dir)
     args.tracking_uri = tracking_uri
     downloads = Path(args.results_dir).expanduser().resolve() / "cache" / "models"
-    planner = resolve_model(args.planner, "--planner", tracking_uri, downloads, PLANNER_KINDS)
-    toolrag = resolve_model(args.toolrag, "--toolrag", tracking_uri, downloads, TOOLRAG_KINDS)
-    reference = (resolve_model(args.reference_planner, "--reference-planner", tracking_uri, downloads,
-                               PLANNER_KINDS + ("hf-model",)) if args.reference_planner else None)
+    planner = resolve_model(args.planner, "--planner", tracking_uri, downloads, PLANNER)
+    toolrag = resolve_model(args.toolrag, "--toolrag", tracking_uri, downloads, TOOLRAG)
+    reference = (resolve_model(args.reference_planner, "--reference-planner", tracking_uri, downloads, REFERENCE)
+                 if args.reference_planner else None)
     dataset, warning = load_data(args, planner)
     if warning:
         print(warning, flush=True)
