@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -81,8 +82,15 @@ def test_asha_stops_trials_and_the_closest_is_tagged_and_registered(smoke_search
     assert version.run_id == ranked[0].info.run_id
     # Artifacts live beside the store in the results directory, not in the caller's ./mlruns.
     assert version.source.startswith((smoke_search["root"] / "mlartifacts").as_uri())
-    model_files = {Path(a.path).name for a in client.list_artifacts(version.run_id, "model")}
+    # The checkpoint is a logged model of the closest trial's run ("Logged models" in the UI).
+    logged = client.get_logged_model(version.model_id)
+    assert logged.source_run_id == ranked[0].info.run_id and logged.status.to_int() == 1  # READY
+    model_files = {Path(a.path).name for a in client.list_logged_model_artifacts(version.model_id)}
     assert {"config.json", "model.safetensors", "toolrag.json"} <= model_files
+    import mlflow
+
+    folder = Path(mlflow.artifacts.download_artifacts(f"runs:/{version.run_id}/model", tracking_uri=smoke_search["uri"]))
+    assert {"config.json", "model.safetensors", "toolrag.json"} <= {p.name for p in folder.iterdir()}
 
 
 @pytest.mark.ray
@@ -98,6 +106,189 @@ def test_no_placement_group_is_left_and_every_cpu_is_free(smoke_search, ray_2_cp
             break
         time.sleep(0.5)
     assert alive == [] and cpus == 2
+
+
+PLOTS = {"optimisation_history", "slices", "pos_weight", "templates", "epoch_curves"}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_mlflow_holds_the_answer_the_plots_the_datasets_and_the_report(smoke_search, mlflow_runs):
+    """The experiment opens in the UI's training view; the parent run's description is the
+    closest trials beside the paper's figures, linked; trial runs are named by their settings;
+    the three splits are dataset inputs with their digests; the plots and the report page exist."""
+    from trainers.data import load_dataset_dir, split_digest
+
+    client, trials = mlflow_runs(smoke_search["uri"], "smoke", "trial")
+    _, (parent,) = mlflow_runs(smoke_search["uri"], "smoke", "parent")
+    experiment = client.get_experiment_by_name("smoke")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+    closest = next(run for run in trials if run.data.tags.get("closest_to_paper_rank") == "1")
+    note = parent.data.tags["mlflow.note.content"]
+    link = f"#/experiments/{experiment.experiment_id}/runs/{closest.info.run_id}?workflowType=machine_learning"
+    assert note.startswith(f"**Closest to the paper (chosen on validation):** trial [{closest.data.tags['trial_id']}]({link})")
+    assert "**Paper:** tool_recall 0.99, tool_count gold + 1" in note
+    ranked = [run for run in trials if "closest_to_paper_rank" in run.data.tags]
+    rows = [line for line in note.splitlines() if line.startswith("| ") and "](#/experiments/" in line]
+    assert len(rows) == len(ranked)
+    assert f"{closest.data.metrics['final_paper_distance']:.3f}" in rows[0]
+
+    for run in trials:  # named by their settings, then the trial id
+        params = run.data.params
+        assert run.info.run_name == (f"{params['prompt_template']} batch={params['batch_size']} "
+                                     f"lr={float(params['learning_rate']):.2g} "
+                                     f"pos_weight={float(params['pos_weight']):.3g} ({run.data.tags['trial_id']})")
+
+    dataset = load_dataset_dir(Path(parent.data.params["data_source"]), val_fraction=0.1)
+    digests = {"training": split_digest(dataset.train), "validation": split_digest(dataset.val),
+               "test": split_digest(dataset.test)}
+
+    def inputs(run_id):
+        found = client.get_run(run_id).inputs.dataset_inputs
+        return {next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset.digest for d in found}
+
+    assert inputs(parent.info.run_id) == digests
+    for run in trials:  # trained and selected on train and validation; test once scored
+        expected = dict(digests) if "test_paper_distance" in run.data.metrics else {
+            k: v for k, v in digests.items() if k != "test"}
+        assert inputs(run.info.run_id) == expected, run.info.run_name
+
+    plots = {Path(a.path).stem for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert PLOTS <= plots and "pareto" not in plots
+    page = smoke_search["root"] / f"report-{parent.info.run_name}.html"
+    text = page.read_text()
+    assert text.count("<img ") == len(plots)
+    assert f"/runs/{closest.info.run_id}?workflowType=machine_learning" in text
+    assert any(a.path == page.name for a in client.list_artifacts(parent.info.run_id))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_report_is_rebuilt_from_the_mlflow_store_alone(smoke_search, mlflow_runs, capsys):
+    from tuning import report
+
+    root, uri = smoke_search["root"], smoke_search["uri"]
+    client, (parent,) = mlflow_runs(uri, "smoke", "parent")
+    page = root / f"report-{parent.info.run_name}.html"
+    before = page.read_text()
+    page.unlink()
+    client.set_tag(parent.info.run_id, "mlflow.note.content", "")
+    assert report.main(["--experiment", "smoke", "--results-dir", str(root), "--tracking-uri", uri]) == 0
+    assert f"[report] {page}" in capsys.readouterr().out
+    after = page.read_text()
+    # The same tables and links; the plots are redrawn, so only the text around them is compared.
+    strip = lambda html: re.sub(r"data:image/png;base64,[^']+", "", html)  # noqa: E731
+    assert strip(after) == strip(before)
+    assert client.get_run(parent.info.run_id).data.tags["mlflow.note.content"] == parent.data.tags["mlflow.note.content"]
+
+    missing = root / "no-store"
+    assert report.main(["--experiment", "smoke", "--results-dir", str(missing)]) == 2
+    assert "no MLflow store at" in capsys.readouterr().err and not missing.exists()
+    assert report.main(["--experiment", "nope", "--results-dir", str(root), "--tracking-uri", uri]) == 2
+    assert "--experiment nope: no such experiment" in capsys.readouterr().err
+
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+def _chromium_or_skip() -> str:
+    """Debian's Chromium; CI installs it (.ci/run), so there its absence fails the test."""
+    import os
+    import shutil
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed: .ci/run installs Debian's chromium package")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    return chromium
+
+
+def _serve_mlflow(uri: str, log_file: Path):
+    """`mlflow server` on 127.0.0.1 and a free port, over the search's store; (process, base URL)."""
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host",
+                               "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              stdout=log_file.open("w"), stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(base, timeout=5) as response:
+                if response.status == 200:
+                    return server, base
+        except OSError:
+            time.sleep(1)
+        if server.poll() is not None:
+            break
+    server.kill()
+    pytest.fail(f"mlflow server did not answer on {base}: {log_file.read_text()[-2000:]}")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_mlflow_ui_and_the_report_render_in_a_browser(smoke_search, mlflow_runs):
+    """Headless Chromium against a real `mlflow server` over the search's store: the runs page
+    lists every run, the parent run's page shows the description, a plot loads, and the report
+    page shows every plot and links to the trials' runs. Screenshots go to RESULTS/screenshots."""
+    chromium = _chromium_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    root, uri = smoke_search["root"], smoke_search["uri"]
+    client, trials = mlflow_runs(uri, "smoke", "trial")
+    _, (parent,) = mlflow_runs(uri, "smoke", "parent")
+    experiment_id = client.get_experiment_by_name("smoke").experiment_id
+    closest = next(run for run in trials if run.data.tags.get("closest_to_paper_rank") == "1")
+    shots = root / "screenshots"
+    shots.mkdir(exist_ok=True)
+    server, base = _serve_mlflow(uri, root / "mlflow-server.log")
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{base}#/experiments/{experiment_id}?workflowType=machine_learning")
+            page.get_by_text(f"{len(trials) + 1} matching runs").wait_for(timeout=90_000)
+            page.get_by_text(parent.info.run_name).first.wait_for()
+            page.screenshot(path=shots / "mlflow-runs.png")
+
+            page.goto(f"{base}#/experiments/{experiment_id}/runs/{parent.info.run_id}?workflowType=machine_learning")
+            page.get_by_text("Closest to the paper (chosen on validation):").wait_for(timeout=60_000)
+            page.get_by_role("link", name=closest.data.tags["trial_id"]).first.wait_for()
+            page.screenshot(path=shots / "mlflow-parent-run.png")
+
+            page.goto(f"{base}#/experiments/{experiment_id}/runs/{parent.info.run_id}/artifacts/plots/pos_weight.png"
+                      "?workflowType=machine_learning")
+            page.wait_for_function("() => [...document.images].some(i => i.src.startsWith('blob:') && i.naturalWidth > 300)",
+                                   timeout=60_000)
+            page.screenshot(path=shots / "mlflow-plot.png")
+
+            report = root / f"report-{parent.info.run_name}.html"
+            page.goto(report.as_uri())
+            widths = page.eval_on_selector_all("figure img", "images => images.map(i => i.naturalWidth)")
+            plots = [a for a in client.list_artifacts(parent.info.run_id, "plots")]
+            assert len(widths) == len(plots) and min(widths) > 300
+            href = page.get_by_role("link", name=closest.data.tags["trial_id"]).first.get_attribute("href")
+            assert href == f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{closest.info.run_id}?workflowType=machine_learning"
+            page.screenshot(path=shots / "report.png", full_page=True)
+            # The report's link, pointed at this server, opens the closest trial's run.
+            page.goto(href.replace("http://127.0.0.1:5000/", base))
+            page.get_by_text(closest.info.run_name).first.wait_for(timeout=60_000)
+            page.screenshot(path=shots / "mlflow-closest-trial.png")
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert all((shots / name).stat().st_size > 10_000 for name in
+               ("mlflow-runs.png", "mlflow-parent-run.png", "mlflow-plot.png", "report.png", "mlflow-closest-trial.png"))
 
 
 SOAK_TRIALS = 30

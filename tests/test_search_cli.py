@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -47,6 +48,7 @@ def test_the_readme_smoke_command_exits_0_and_logs_no_secret(tmp_path):
     assert "Closest to the paper" in completed.stdout
     client = MlflowClient(uri)
     assert client.get_model_version_by_alias("tinyagent-toolrag", "closest-to-paper")
+    _check_quiet_console(completed, tmp_path / "results", trials=4)
 
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     logged = [str(run.data.params) + str(run.data.tags) for run in runs]
@@ -57,6 +59,27 @@ def test_the_readme_smoke_command_exits_0_and_logs_no_secret(tmp_path):
         for path in files:
             assert secret.encode() not in path.read_bytes(), f"{name} in {path}"
         assert secret not in completed.stdout + completed.stderr
+
+
+def _check_quiet_console(completed, results: Path, trials: int) -> None:
+    """The default console: phase lines and one progress line per ended trial before the
+    closing table, no Ray Train internals, and the logs where the console says they are."""
+    before_table = completed.stdout[: completed.stdout.index("Closest to the paper")].splitlines()
+    assert len(before_table) <= 40, "\n".join(before_table)
+    everything = completed.stdout + completed.stderr
+    for internal in ("TrainingReport(", "Trial status", "Checkpoint successfully created", "Writing model shards",
+                     "Started training worker group"):
+        assert internal not in everything, internal
+    progress = [line for line in before_table if re.match(r"\[search\] \d+/\d+ trials ended", line)]
+    assert [line.split()[1] for line in progress] == [f"{n}/{trials}" for n in range(1, trials + 1)]
+    assert "closest so far: distance" in progress[-1]
+    (logs_line,) = [line for line in before_table if line.startswith("[logs]")]
+    log_file = Path(re.search(r"logs: (\S+search\.log)", logs_line).group(1))
+    assert log_file.is_relative_to(results) and "Started a local Ray instance" in log_file.read_text()
+    workers = log_file.parent / "ray-logs"
+    assert workers.is_dir() and list(workers.glob("worker-*.out"))
+    (report_line,) = [line for line in completed.stdout.splitlines() if line.startswith("[report] ")]
+    assert Path(report_line.split()[1]).is_file()
 
 
 @pytest.mark.ray
@@ -89,12 +112,18 @@ def test_pareto_objective_runs_multi_objective_optuna_and_tags_the_front(tmp_pat
     completed = subprocess.run(
         [sys.executable, "tuning/search.py", "--model", "toolrag", "--smoke", "--objective", "pareto",
          "--num-samples", "3", "--tracking-uri", uri, "--results-dir", str(tmp_path / "results"),
-         "--experiment-name", "pareto"],
+         "--experiment-name", "pareto", "--verbose"],
         cwd=PROJECT, capture_output=True, text=True, timeout=900,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "Pareto front (recall up, tools retrieved down)" in completed.stdout
-    _, trials = mlflow_runs(uri, "pareto", "trial")
+    # --verbose: Tune's trial table and the workers' output are back on the console.
+    assert "Trial status" in completed.stdout and "(RayTrainWorker pid=" in completed.stdout + completed.stderr
+    client, trials = mlflow_runs(uri, "pareto", "trial")
+    _, (parent,) = mlflow_runs(uri, "pareto", "parent")
+    assert "pareto" in {Path(a.path).stem for a in client.list_artifacts(parent.info.run_id, "plots")}
+    page = tmp_path / "results" / f"report-{parent.info.run_name}.html"
+    assert "Pareto front (recall up, tools retrieved down)" in page.read_text()
     front = [run for run in trials if run.data.tags.get("pareto_front") == "true"]
     assert front
     # No trial outside the front beats a front member on both recall and tools retrieved.
@@ -138,6 +167,8 @@ def test_planner_smoke_search_tracks_trials_templates_and_plans(tmp_path, mlflow
         assert "test_paper_distance" in run.data.metrics
     _, (parent,) = mlflow_runs(uri, "planner-smoke", "parent")
     assert parent.data.params["val_fraction"] == "0.1"
+    assert "templates" in {Path(a.path).stem for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert "**Best plan_success per prompt_template**" in parent.data.tags["mlflow.note.content"]
     assert {"test_queries_in_train", "unparseable_targets"} <= set(parent.data.metrics)
     # Epoch 1 scores the 12-example subset (ASHA's signal); the last epoch the whole 24.
     for run in finished:
@@ -188,6 +219,10 @@ def test_failing_trials_are_recorded_and_the_failure_budget_ends_the_search(tmp_
     )
     assert completed.returncode == 1, completed.stderr[-3000:]
     assert "The search stopped early: 2 trials failed (--max-failed-trials 2)" in completed.stdout
+    # Each failure prints its reason and where its full log is, quiet as the console is.
+    failures = [line for line in completed.stdout.splitlines() if line.startswith("[trial ") and " failed: " in line]
+    assert len(failures) >= 2 and all("no_such_proj" in line for line in failures)
+    assert all(Path(re.search(r"full log: (\S+)\)$", line).group(1)).is_file() for line in failures)
     client, trials = mlflow_runs(uri, "budget", "trial")
     failed = [run for run in trials if run.info.status == "FAILED"]
     assert len(failed) >= 2 and len(trials) < 6

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from tuning.tracking import SearchTracker
 
@@ -179,3 +180,75 @@ def test_each_familys_best_is_found_across_experiments_on_the_same_data_split_on
         ("linear", "l-near", "linear-search"), ("transformer", "t-near", "transformer-search")]
     assert bests[0]["validation"]["paper_distance"] == 2.0 and bests[0]["test"] is None
     assert bests[1]["test"] == {"tool_recall": 0.98, "paper_distance": 5.0}
+
+
+def test_the_experiment_opens_in_the_training_view_and_trials_are_named_by_their_settings(tmp_path):
+    from tuning.tracking import model_development_experiment, trial_run_name
+
+    tracker = _tracker(tmp_path)
+    experiment = tracker.client.get_experiment(tracker.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    # An experiment made before (or by hand) gets the tag too.
+    other = tracker.client.create_experiment("made-elsewhere")
+    assert model_development_experiment(tracker.client, "made-elsewhere") == other
+    assert tracker.client.get_experiment(other).tags["mlflow.experimentKind"] == "custom_model_development"
+
+    params = {"pos_weight": 15.64114, "learning_rate": 0.000601, "batch_size": 8, "prompt_template": "instruction"}
+    assert trial_run_name("44286e02", params) == "instruction batch=8 lr=0.0006 pos_weight=15.6 (44286e02)"
+    tracker.trial_started("44286e02", params, {})
+    assert tracker.client.get_run(tracker.trials["44286e02"].run_id).info.run_name == trial_run_name("44286e02", params)
+
+
+def test_the_splits_are_dataset_inputs_of_the_parent_and_of_each_trial_as_it_uses_them(tmp_path):
+    from tuning.tracking import TEST_CONTEXT, TRAIN_CONTEXT, VALIDATION_CONTEXT, dataset_input
+
+    tracker = SearchTracker(f"sqlite:///{tmp_path / 'm.db'}", "exp", max_epochs=3)
+    tracker.datasets = {context: dataset_input(f"data/{context}", context, f"digest-{context}", "/data", rows)
+                        for context, rows in ((TRAIN_CONTEXT, 90), (VALIDATION_CONTEXT, 10), (TEST_CONTEXT, 50))}
+    tracker.start_parent("parent", {}, {}, [])
+
+    def inputs(run_id):
+        found = tracker.client.get_run(run_id).inputs.dataset_inputs
+        return {d.dataset.digest: (d.tags[0].value, json.loads(d.dataset.profile)["num_rows"]) for d in found}
+
+    assert inputs(tracker.parent_run_id) == {"digest-training": ("training", 90), "digest-validation": ("validation", 10),
+                                             "digest-test": ("test", 50)}
+    tracker.trial_started("t1", {}, {})
+    run_id = tracker.trials["t1"].run_id
+    assert set(inputs(run_id)) == {"digest-training", "digest-validation"}, "no test data before it is scored"
+    tracker.record_test("t1", {"paper_distance": 1.0}, [])
+    assert set(inputs(run_id)) == {"digest-training", "digest-validation", "digest-test"}
+
+
+def test_search_progress_counts_trials_and_estimates_what_is_left(tmp_path):
+    import io
+
+    from tuning.console import SearchProgress
+
+    tracker = _tracker(tmp_path)
+    out = io.StringIO()
+    progress = SearchProgress(tracker, total=6, max_concurrent=2, time_budget_s=None, log_file=None,
+                              started=__import__("time").time() - 120, out=out)
+
+    class Trial:
+        def __init__(self, trial_id):
+            self.trial_id, self.error_file = trial_id, None
+
+    for trial_id, success, full in (("a", 0.70, True), ("b", 0.50, False), ("c", 0.60, True)):
+        tracker.trial_started(trial_id, {"prompt_template": "instruct", "learning_rate": 0.002}, {})
+        progress.on_trial_start(0, [], Trial(trial_id))
+        tracker.trial_result(trial_id, _planner_result(3, success, full))
+    tracker.trial_ended("a", "FINISHED")
+    progress.on_trial_complete(0, [], Trial("a"))
+    tracker.trial_ended("b", "FAILED", "Traceback ...\nValueError: no_such_proj")
+    progress.on_trial_error(0, [], Trial("b"))
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("[search] 1/6 trials ended (0 stopped early, 0 failed), 2 running")
+    assert "closest so far: distance 2.667, trial a (learning_rate=0.002, prompt_template=instruct)" in lines[0]
+    assert lines[1] == "[trial b] failed: ValueError: no_such_proj (full log: the MLflow run)"
+    assert lines[2].startswith("[search] 2/6 trials ended (0 stopped early, 1 failed), 1 running")
+    # 2 trials ended in about 120 s: the 4 left take about 240 s more.
+    assert re.search(r"\| 2m0\ds elapsed, ~(3m5\d|4m0\d)s left$", lines[2]), lines[2]
+    assert progress.remaining_s(done=2, elapsed=120) == 240
+    budgeted = SearchProgress(tracker, total=6, max_concurrent=2, time_budget_s=150, log_file=None)
+    assert budgeted.remaining_s(done=2, elapsed=120) == 30

@@ -211,6 +211,16 @@ def fingerprint_files(paths: list[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
+def split_digest(examples: list[Example]) -> str:
+    """Content hash of one split's examples (keys, queries, tools, plans), in order: what MLflow
+    shows as the digest of the split it records as a dataset input."""
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(json.dumps([example.key, example.query, list(example.tools), example.plan]).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()[:12]
+
+
 def normalize_query(query: str) -> str:
     """The form in which two queries count as the same: case, punctuation and spacing ignored."""
     return _NOT_WORD.sub(" ", query.casefold()).strip()

@@ -50,7 +50,7 @@ def describe(spec: ModelSpec, metrics: dict[str, float]) -> str:
 
 
 def score_trials_on_test(tracker: SearchTracker, spec: ModelSpec, split_data: Any, storage_path: str,
-                         cpus_per_task: float, gpus_per_task: float) -> list[TrialRecord]:
+                         cpus_per_task: float, gpus_per_task: float, verbose: bool = True) -> list[TrialRecord]:
     """Score every trial that has a best checkpoint and no test figures yet (a resumed search
     skips those already scored); log `test_*` on each trial's run. Returns the trials scored."""
     import ray
@@ -77,5 +77,8 @@ def score_trials_on_test(tracker: SearchTracker, spec: ModelSpec, split_data: An
             continue
         tracker.record_test(record.trial_id, metrics, samples)
         scored.append(record)
-        print(f"[test] trial {record.trial_id}: {describe(spec, metrics)}", flush=True)
+        if verbose:  # quiet, the closing table shows every trial's test figures
+            print(f"[test] trial {record.trial_id}: {describe(spec, metrics)}", flush=True)
+    if not verbose:
+        print(f"[test] {len(scored)} of {len(pending)} trials scored on the test split", flush=True)
     return scored

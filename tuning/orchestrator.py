@@ -361,7 +361,7 @@ def plan_search(args: argparse.Namespace, locations: Locations, inputs: Inputs) 
         # On the local Ray no node is lost, and a restart would only race the teardown of a
         # trial ASHA stopped (its workers then fail their health check).
         retries_per_trial=args.retries_per_trial if args.retries_per_trial is not None else (2 if args.address else 0),
-        resume=inputs.resumed_run is not None,
+        resume=inputs.resumed_run is not None, verbose=getattr(args, "verbose", False),
     )
     parent_params = _parent_params(args, inputs, request)
     if inputs.resumed_run is not None:
@@ -445,6 +445,7 @@ def _open_tracking(prepared: PreparedSearch):
     tracker = SearchTracker(prepared.tracking_uri, prepared.mlflow_experiment,
                             max_epochs=ray_search.max_epochs(request.trainer_base, request.param_space),
                             artifact_location=artifacts, trial_tags=prepared.trial_tags)
+    tracker.datasets = dataset_inputs(prepared.dataset)
     found = None
     if prepared.resume_parent_id:
         found = tracker.reattach(prepared.resume_parent_id, list(request.param_space))
@@ -457,6 +458,19 @@ def _open_tracking(prepared: PreparedSearch):
               f"(experiment {prepared.mlflow_experiment})", flush=True)
     tracker.log_parent_metrics(prepared.data_metrics)
     return tracker, found
+
+
+def dataset_inputs(dataset: Dataset) -> dict[str, Any]:
+    """The three splits as MLflow dataset inputs, by context, each with its content digest."""
+    from trainers.data import split_digest
+    from tuning.tracking import TEST_CONTEXT, TRAIN_CONTEXT, VALIDATION_CONTEXT, dataset_input
+
+    source_name = Path(dataset.source).name or dataset.source
+    return {context: dataset_input(f"{source_name}/{split}", context, split_digest(examples), dataset.source,
+                                   len(examples))
+            for context, split, examples in ((TRAIN_CONTEXT, "train", dataset.train),
+                                             (VALIDATION_CONTEXT, "validation", dataset.val),
+                                             (TEST_CONTEXT, "test", dataset.test))}
 
 
 def _totals(tracker, started: float) -> dict[str, float]:
@@ -495,16 +509,21 @@ def _close(prepared: PreparedSearch, tracker, status: str, started: float) -> Ou
     return outcome
 
 
-def _search_and_score(prepared: PreparedSearch, tracker, resumed_counts, started: float) -> Outcome:
+def _search_and_score(prepared: PreparedSearch, tracker, resumed_counts, started: float,
+                      log_file: Path | None = None) -> Outcome:
     """The Tune search, then the test split once per trial; the parent run is closed either way."""
     from tuning import holdout, ray_search
+    from tuning.console import SearchProgress
 
     request, status, budget = prepared.request, "FAILED", None
+    progress = SearchProgress(tracker, request.num_samples,
+                              request.max_concurrent or ray_search.default_concurrency(request),
+                              request.time_budget_s, log_file, started=started)
     try:
-        budget = ray_search.run_search(request, [tracker.callback(prepared.trial_params)],
+        budget = ray_search.run_search(request, [tracker.callback(prepared.trial_params), progress],
                                        failed_before_resume=(resumed_counts or {}).get("failed", 0))
         holdout.score_trials_on_test(tracker, prepared.spec, prepared.test_data, request.storage_path,
-                                     request.cpus_per_worker, request.gpus_per_worker)
+                                     request.cpus_per_worker, request.gpus_per_worker, verbose=request.verbose)
         status = "FAILED" if budget.exhausted else "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -522,9 +541,14 @@ def execute(prepared: PreparedSearch) -> int:
 
     from tuning import ray_search
 
+    from tuning import console
+
     request = prepared.request
     started = time.time()
-    started_ray = ray_search.start_ray(request.address)
+    logs = console.log_folder(prepared.results_dir, prepared.parent_run_name)
+    log_file = console.route_logs(logs, request.verbose)
+    started_ray = ray_search.start_ray(request.address, verbose=request.verbose)
+    _say_where_ray_is(started_ray, logs, log_file, request.verbose)
     try:
         # Before anything is written: a request no node can hold would leave every trial
         # PENDING forever.
@@ -536,7 +560,7 @@ def execute(prepared: PreparedSearch) -> int:
         if prepared.base_build is not None:
             _build_base(prepared)
         tracker, resumed_counts = _open_tracking(prepared)
-        outcome = _search_and_score(prepared, tracker, resumed_counts, started)
+        outcome = _search_and_score(prepared, tracker, resumed_counts, started, log_file)
     finally:
         if started_ray:
             ray_search.wait_for_placement_groups()
@@ -545,10 +569,54 @@ def execute(prepared: PreparedSearch) -> int:
         outcome.family_bests = tracker.best_per_family(prepared.spec.task, prepared.dataset.split_fingerprint)
     except MlflowException as error:  # a comparison the store cannot give must not hide the search's own table
         print(f"[mlflow] could not compare with other models' searches: {str(error).splitlines()[0]}", flush=True)
-    print(report.format_closing(prepared, outcome, tracker))
+    closing = report.format_closing(prepared, outcome, tracker)
+    print(closing)
+    _publish_report(prepared, tracker, closing)
     if prepared.evaluation_toolrag is not None:
         _evaluate_closest_with_toolrag(prepared, outcome)
     return exit_code(outcome)
+
+
+def _publish_report(prepared: PreparedSearch, tracker, closing: str) -> None:
+    """Plots, the parent run's description and the report page. The search is already recorded:
+    a failure here costs only these, and its traceback goes to the log file."""
+    import logging
+
+    from tuning import report_page
+
+    if tracker.parent_run_id is None:
+        return
+    try:
+        page = report_page.publish(prepared.tracking_uri, prepared.mlflow_experiment, tracker.parent_run_id,
+                                   prepared.results_dir, closing_text=closing)
+    except Exception as error:  # noqa: BLE001 - reported, with its traceback in the log
+        logging.getLogger(__name__).exception("building the report failed")
+        print(f"[report] could not build the report ({type(error).__name__}: {error}); traceback in "
+              f"{prepared.results_dir / 'logs' / prepared.parent_run_name}", flush=True)
+        return
+    print(f"[report] {page} (the plots and this table are also on the parent run in MLflow; rebuild with "
+          f"python -m tuning.report --experiment {prepared.mlflow_experiment} --run {tracker.parent_run_id} "
+          f"--results-dir {prepared.results_dir}"
+          + ("" if prepared.tracking_uri == f"sqlite:///{prepared.results_dir / 'mlflow.db'}"
+             else f" --tracking-uri {redact_uri(prepared.tracking_uri)}") + ")", flush=True)
+
+
+def _say_where_ray_is(started_ray: bool, logs: Path, log_file: Path, verbose: bool) -> None:
+    """The Ray phase line: which Ray, where its dashboard and the logs are."""
+    import ray
+
+    from tuning import console
+
+    context = ray.get_runtime_context()
+    dashboard = ray._private.worker.get_dashboard_url() if started_ray else None
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    where = "started a local Ray" if started_ray else f"connected to the Ray cluster at {context.gcs_address}"
+    print(f"[ray] {where} ({cpus} CPUs" + (f", dashboard http://{dashboard}" if dashboard else "") + ")", flush=True)
+    link = console.link_ray_logs(logs) if started_ray else None
+    print(f"[logs] Ray, Tune, Train and MLflow logs: {log_file}"
+          + (f"; every Ray process's output (the Train workers' too): {link}/" if link else
+             "; the workers' output: each node's /tmp/ray/session_latest/logs/")
+          + ("" if verbose else "; --verbose prints them here"), flush=True)
 
 
 def _evaluate_closest_with_toolrag(prepared: PreparedSearch, outcome: Outcome) -> None:

@@ -152,9 +152,10 @@ def record(tracking_uri: str, experiment: str, models: dict[str, ResolvedModel],
     import mlflow
     from mlflow import MlflowClient
 
+    from tuning.tracking import model_development_experiment
+
     client = MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment, artifact_location)
+    experiment_id = model_development_experiment(client, experiment, artifact_location)
     run = client.create_run(experiment_id, run_name=f"pipeline-{models[PLANNER].label}".replace(" ", "-"),
                             tags={"evaluation": "pipeline"})
     run_id = run.info.run_id

@@ -70,6 +70,8 @@ class SearchRequest:
     retries_per_trial: int = 2
     # Continue the interrupted Tune run named tune_run_name instead of starting one.
     resume: bool = False
+    # Tune's trial table and the workers' output on the console (default: in the log files).
+    verbose: bool = False
 
 
 def max_epochs(trainer_base: dict[str, Any], param_space: dict[str, dict[str, Any]]) -> int:
@@ -156,14 +158,19 @@ def objective_setup(objective: str, pareto: tuple[str, str] | None) -> tuple[str
     return names.BEST_PAPER_DISTANCE, "min"
 
 
-def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
-    """Connect to a cluster, or start a local one; True when this process started it."""
+def start_ray(address: str | None, num_cpus: int | None = None, verbose: bool = True) -> bool:
+    """Connect to a cluster, or start a local one; True when this process started it.
+
+    Not verbose, Ray leaves the workers' output in its session log folder and its own records to
+    the handlers the caller set up (tuning/console.py), instead of printing both.
+    """
     import ray
 
     if ray.is_initialized():
         return False
+    quiet = {} if verbose else {"log_to_driver": False, "configure_logging": False}
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **{"log_to_driver": True, **quiet})
         return False
     for key, value in LOCAL_RAY_ENV.items():
         os.environ.setdefault(key, value)
@@ -173,7 +180,7 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
     project_dir = str(Path(__file__).resolve().parent.parent)
     python_path = os.pathsep.join(p for p in (project_dir, os.environ.get("PYTHONPATH", "")) if p)
     ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             runtime_env={"env_vars": {"PYTHONPATH": python_path, **LOCAL_RAY_ENV}})
+             runtime_env={"env_vars": {"PYTHONPATH": python_path, **LOCAL_RAY_ENV}}, **quiet)
     return True
 
 
@@ -327,7 +334,8 @@ def _new_tuner(request: SearchRequest, trainable, callbacks: list[Any], budget: 
         run_config=tune.RunConfig(
             name=request.tune_run_name, storage_path=storage_join(request.storage_path, "tune"),
             callbacks=callbacks, stop=budget.stopper,
-            failure_config=tune.FailureConfig(max_failures=request.trial_max_failures), verbose=1,
+            failure_config=tune.FailureConfig(max_failures=request.trial_max_failures),
+            verbose=1 if request.verbose else 0,
         ),
     )
 
@@ -366,7 +374,18 @@ def run_search(request: SearchRequest, callbacks: list[Any], failed_before_resum
         tuner = restored_tuner(request, trainable, callbacks, budget)
     else:
         tuner = _new_tuner(request, trainable, callbacks, budget)
-    tuner.fit()
+    # Tune's newer console output prints an experiment box at any verbosity; its older one is
+    # silent at verbose=0, which the quiet default wants.
+    previous = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    if not request.verbose:
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        tuner.fit()
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = previous
     return budget
 
 

@@ -217,6 +217,10 @@ def format_closing(prepared: "PreparedSearch", outcome: "Outcome", tracker) -> s
         parts.append(f"Registered {spec.registered_model} version {outcome.registered_version} as alias "
                      "'closest-to-paper'.")
     parts.append(f"MLflow: mlflow ui --backend-store-uri {prepared.tracking_uri} --host 127.0.0.1 --port 5000")
+    if tracker.parent_run_id:
+        from tuning.report_page import DEFAULT_UI, run_link
+
+        parts.append(f"  then open {run_link(DEFAULT_UI, tracker.experiment_id, tracker.parent_run_id)}")
     budget = outcome.budget
     if budget is not None and budget.exhausted:
         parts.append(f"The search stopped early: {budget.failed} trials failed (--max-failed-trials {budget.limit}). "
@@ -224,3 +228,41 @@ def format_closing(prepared: "PreparedSearch", outcome: "Outcome", tracker) -> s
     elif not ranked:
         parts.append("No trial produced a result; see the errors above and the FAILED runs in MLflow.")
     return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m tuning.report --experiment NAME [--run ID]: rebuild a search's plots, MLflow
+    description and report page from the MLflow store alone (no Ray)."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    from tuning.config import UserError
+    from tuning.report_page import DEFAULT_UI, publish
+    from tuning.tracking import sqlite_path
+
+    parser = argparse.ArgumentParser(prog="python -m tuning.report", description=main.__doc__.split(":", 1)[1].strip())
+    parser.add_argument("--experiment", required=True, help="the MLflow experiment of the search")
+    parser.add_argument("--run", help="the search's parent run id (default: the experiment's latest search)")
+    parser.add_argument("--results-dir", default="results", help="where the page goes (default: results)")
+    parser.add_argument("--tracking-uri", help="MLflow store (default: sqlite:////abs/RESULTS_DIR/mlflow.db)")
+    parser.add_argument("--mlflow-url", default=DEFAULT_UI,
+                        help=f"where the MLflow UI serves this store, for the page's links (default: {DEFAULT_UI})")
+    args = parser.parse_args(argv)
+    results_dir = Path(args.results_dir).expanduser().resolve()
+    tracking_uri = args.tracking_uri or f"sqlite:///{results_dir / 'mlflow.db'}"
+    database = sqlite_path(tracking_uri)
+    try:
+        if database is not None and not database.is_file():  # MLflow would create an empty store there
+            raise UserError(f"--tracking-uri {tracking_uri}: no MLflow store at {database} (pass the search's "
+                            "--results-dir or --tracking-uri)")
+        page = publish(tracking_uri, args.experiment, args.run, results_dir, ui_base=args.mlflow_url)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"[report] {page} (plots and description logged to the search's parent run)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -87,6 +87,7 @@ def restored_tuner(request, trainable, callbacks: list[Any], budget):
     # tracker; this driver's take their place.
     run_config = tuner._local_tuner.get_run_config()
     run_config.callbacks, run_config.stop = callbacks, budget.stopper
+    run_config.verbose = 1 if request.verbose else 0
     print(f"[search] resuming {request.tune_run_name} from {tune_run_path(request)}", flush=True)
     return tuner
 

@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="(planner) after the search, score the closest trial on the test split with this "
                              "ToolRAG model building its prompts, as TinyAgent does, and without: "
                              "models:/NAME@ALIAS, runs:/RUN_ID/model or a checkpoint folder (see tuning/evaluate.py)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print Tune's trial table and every worker's output here, as well as in the log "
+                             "files (default: one progress line per ended trial; logs under RESULTS_DIR/logs/)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset as MlflowDataset
+from mlflow.entities import DatasetInput, InputTag, LoggedModelStatus, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
 
@@ -40,10 +41,21 @@ TASK_TAG, FAMILY_TAG, MODEL_TAG, DATA_SPLIT_TAG = "task", "family", "model", "da
 # as KILLED when the search resumed, and reopened if the trial resumed with it.
 INTERRUPTED_TAG = "interrupted_by_driver_stop"
 CHECKPOINT_TAG = "checkpoint_path"
+# The MLflow UI opens an experiment in its training view (runs, charts, models) with this kind,
+# not in its GenAI view (traces).
+EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"
+# A run's description in the MLflow UI (Markdown).
+NOTE_TAG = "mlflow.note.content"
+DATASET_CONTEXT_TAG = "mlflow.data.context"
+# The registered checkpoint's name as a logged model of its run (so runs:/RUN_ID/model finds it).
+LOGGED_MODEL_NAME = "model"
+# Shorter names for the settings a trial's run name shows.
+SETTING_ABBREVIATIONS = {"learning_rate": "lr", "batch_size": "batch", "weight_decay": "wd",
+                         "lora_dropout": "dropout", "warmup_ratio": "warmup"}
 # Result keys worth a per-epoch curve in MLflow; the rest are Ray's bookkeeping.
 # Every one is a validation figure: the test split is scored once per trial, after the search,
 # and logged under TEST_PREFIX.
-EPOCH_METRIC_PREFIXES = ("tool_", names.PAPER_DISTANCE, names.BEST_PAPER_DISTANCE, names.TRAIN_LOSS,
+EPOCH_METRIC_PREFIXES = ("tool_", names.GOLD_TOOL_COUNT, names.PAPER_DISTANCE, names.BEST_PAPER_DISTANCE, names.TRAIN_LOSS,
                          names.PER_TOOL_RECALL_PREFIX, names.PADDING_WASTE, names.CPU_SECONDS, names.GPU_SECONDS,
                          "plan_", names.STRICT_PLAN_SUCCESS, names.EMPTY_OUTPUT_RATE, names.EVAL_EXAMPLES,
                          names.FULL_VALIDATION_SET, names.RESUMED_FROM_EPOCH, names.EXAMPLES_OVER_MAX_LENGTH,
@@ -103,6 +115,12 @@ def _better(result: dict[str, Any], best: dict[str, Any] | None) -> bool:
     return result[names.PAPER_DISTANCE] < best[names.PAPER_DISTANCE]
 
 
+def rank(records) -> list[TrialRecord]:
+    """Trials with a result, closest to the paper on validation first; those scored on the whole
+    validation split before those stopped while scored on a subset."""
+    return sorted((r for r in records if r.best is not None), key=lambda r: (not _full_validation(r.best), r.objective))
+
+
 def _full_validation(result: dict[str, Any]) -> bool:
     """Whether a result scores the whole validation split (every ToolRAG epoch does)."""
     return result.get(names.FULL_VALIDATION_SET, 1.0) == 1.0
@@ -117,9 +135,10 @@ class SearchTracker:
         puts them in ./mlruns of whatever directory the search was started from. trial_tags: set
         on every trial's run (which model, task and data split: see `best_per_family`)."""
         self.client = MlflowClient(tracking_uri=tracking_uri)
-        experiment = self.client.get_experiment_by_name(mlflow_experiment)
-        self.experiment_id = (experiment.experiment_id if experiment
-                              else self.client.create_experiment(mlflow_experiment, artifact_location=artifact_location))
+        self.experiment_id = model_development_experiment(self.client, mlflow_experiment, artifact_location)
+        # Dataset inputs ({context: DatasetInput}): the parent gets every split, a trial's run the
+        # splits it trains and selects on, and the test split once it is scored.
+        self.datasets: dict[str, DatasetInput] = {}
         self.trial_tags = dict(trial_tags or {})
         self.max_epochs = max_epochs
         self.parent_run_id: str | None = None
@@ -133,6 +152,8 @@ class SearchTracker:
                                      tags={SEARCH_TAG: "parent", **tags, **driver_identity()})
         self.parent_run_id = run.info.run_id
         self._log_params(self.parent_run_id, params)
+        if self.datasets:
+            self.client.log_inputs(self.parent_run_id, datasets=list(self.datasets.values()))
         for path in files:
             self.client.log_artifact(self.parent_run_id, str(path), artifact_path="config")
         return self.parent_run_id
@@ -209,11 +230,14 @@ class SearchTracker:
             self.client.set_tag(record.run_id, RETRIED_TAG, "true")
             return
         run = self.client.create_run(
-            self.experiment_id, run_name=f"trial-{trial_id}",
+            self.experiment_id, run_name=trial_run_name(trial_id, params),
             tags={PARENT_TAG: self.parent_run_id or "", TRIAL_ID_TAG: trial_id, SEARCH_TAG: "trial", **self.trial_tags},
         )
         self.trials[trial_id] = TrialRecord(trial_id, run.info.run_id, dict(params))
         self._log_params(run.info.run_id, {**fixed, **params})
+        trained_on = [self.datasets[c] for c in (TRAIN_CONTEXT, VALIDATION_CONTEXT) if c in self.datasets]
+        if trained_on:
+            self.client.log_inputs(run.info.run_id, datasets=trained_on)
 
     def trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         record = self.trials.get(trial_id)
@@ -275,6 +299,8 @@ class SearchTracker:
         record.test = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         now = int(time.time() * 1000)
         self.client.log_batch(record.run_id, metrics=[Metric(TEST_PREFIX + k, v, now, 0) for k, v in record.test.items()])
+        if TEST_CONTEXT in self.datasets:
+            self.client.log_inputs(record.run_id, datasets=[self.datasets[TEST_CONTEXT]])
         if samples:
             self.client.log_text(record.run_id, json.dumps(samples, indent=1), "sample_plans/test.json")
 
@@ -285,8 +311,7 @@ class SearchTracker:
         """Trials with at least one evaluated epoch, closest to the paper on validation first;
         trials scored on the whole validation split rank before those stopped while scored on a
         subset only. The test split plays no part."""
-        return sorted((r for r in self.trials.values() if r.best is not None),
-                      key=lambda r: (not _full_validation(r.best), r.objective))
+        return rank(self.trials.values())
 
     def mark_closest(self, k: int, registered_model_name: str, alias: str = "closest-to-paper") -> str | None:
         """Tag the k closest trials (on validation) 1..k and register the closest one's best
@@ -301,16 +326,22 @@ class SearchTracker:
         if not with_checkpoint:
             return None
         best = with_checkpoint[0]
-        self.client.log_artifacts(best.run_id, best.checkpoint_path, artifact_path="model")
+        tags = {"validation_paper_distance": f"{best.objective:.4f}"}
+        if best.test:
+            tags["test_paper_distance"] = f"{best.test[names.PAPER_DISTANCE]:.4f}"
+        # A logged model of the trial's run, so the UI lists it under "Logged models" and
+        # runs:/RUN_ID/model still finds its files.
+        logged = self.client.create_logged_model(
+            self.experiment_id, name=LOGGED_MODEL_NAME, source_run_id=best.run_id, tags=tags,
+            params={k: str(v) for k, v in best.params.items()}, model_type=registered_model_name)
+        self.client.log_model_artifacts(logged.model_id, best.checkpoint_path)
+        self.client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
         try:
             self.client.get_registered_model(registered_model_name)
         except Exception:  # mlflow raises RestException/MlflowException for "not found" by store
             self.client.create_registered_model(registered_model_name)
-        source = f"{self.client.get_run(best.run_id).info.artifact_uri}/model"
-        tags = {"validation_paper_distance": f"{best.objective:.4f}"}
-        if best.test:
-            tags["test_paper_distance"] = f"{best.test[names.PAPER_DISTANCE]:.4f}"
-        version = self.client.create_model_version(registered_model_name, source, run_id=best.run_id, tags=tags)
+        version = self.client.create_model_version(registered_model_name, logged.artifact_location,
+                                                   run_id=best.run_id, tags=tags, model_id=logged.model_id)
         self.client.set_registered_model_alias(registered_model_name, alias, version.version)
         return version.version
 
@@ -366,6 +397,42 @@ class SearchTracker:
 
     def callback(self, fixed_params: dict[str, Any]) -> "MlflowTrialCallback":
         return MlflowTrialCallback(self, fixed_params)
+
+
+TRAIN_CONTEXT, VALIDATION_CONTEXT, TEST_CONTEXT = "training", "validation", "test"
+
+
+def dataset_input(name: str, context: str, digest: str, source: str, rows: int) -> DatasetInput:
+    """One data split as an MLflow dataset input: the runs table shows its name, digest and
+    context, and the run page its row count."""
+    dataset = MlflowDataset(name=name, digest=digest, source_type="local", source=json.dumps({"uri": source}),
+                            profile=json.dumps({"num_rows": rows}))
+    return DatasetInput(dataset, tags=[InputTag(DATASET_CONTEXT_TAG, context)])
+
+
+def model_development_experiment(client: MlflowClient, name: str, artifact_location: str | None = None) -> str:
+    """The experiment's id, created if needed, tagged so the MLflow UI opens on its training runs."""
+    experiment = client.get_experiment_by_name(name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(
+        name, artifact_location=artifact_location)
+    if experiment is None or experiment.tags.get(EXPERIMENT_KIND_TAG) != MODEL_DEVELOPMENT:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT)
+    return experiment_id
+
+
+def trial_run_name(trial_id: str, params: dict[str, Any]) -> str:
+    """A trial's run name that shows its settings, e.g. 'instruction lr=6e-04 batch=8 pos_weight=15.6 (44286e02)':
+    a category by its value alone, numbers with their (shortened) setting name."""
+    parts = []
+    for key, value in sorted(params.items(), key=lambda item: (not isinstance(item[1], str), item[0])):
+        if isinstance(value, str):
+            parts.append(value)
+        elif isinstance(value, float):
+            parts.append(f"{SETTING_ABBREVIATIONS.get(key, key)}={value:.2g}" if value < 0.01
+                         else f"{SETTING_ABBREVIATIONS.get(key, key)}={value:.3g}")
+        else:
+            parts.append(f"{SETTING_ABBREVIATIONS.get(key, key)}={value}")
+    return " ".join([*parts, f"({trial_id})"])
 
 
 def redact_uri(uri: str) -> str:
