@@ -80,12 +80,14 @@ def test_asha_stops_trials_and_the_closest_is_tagged_and_registered(smoke_search
     assert distances[0] == min(run.data.metrics["final_paper_distance"] for run in trials)
     version = client.get_model_version_by_alias("tinyagent-toolrag", "closest-to-paper")
     assert version.run_id == ranked[0].info.run_id
-    # Artifacts live beside the store in the results directory, not in the caller's ./mlruns.
-    assert version.source.startswith((smoke_search["root"] / "mlartifacts").as_uri())
     # The checkpoint is a logged model of the closest trial's run ("Logged models" in the UI).
-    logged = client.get_logged_model(version.model_id)
-    assert logged.source_run_id == ranked[0].info.run_id and logged.status.to_int() == 1  # READY
-    model_files = {Path(a.path).name for a in client.list_logged_model_artifacts(version.model_id)}
+    assert version.source.startswith("models:/m-")
+    logged = client.get_logged_model(version.source[len("models:/"):])
+    assert logged.source_run_id == ranked[0].info.run_id and str(logged.status) == "READY"
+    # Artifacts live beside the store in the results directory, not in the caller's ./mlruns.
+    download = client.get_model_version_download_uri("tinyagent-toolrag", version.version)
+    assert download == logged.artifact_location and download.startswith((smoke_search["root"] / "mlartifacts").as_uri())
+    model_files = {Path(a.path).name for a in client.list_logged_model_artifacts(logged.model_id)}
     assert {"config.json", "model.safetensors", "toolrag.json"} <= model_files
     import mlflow
 

@@ -106,7 +106,9 @@ class SearchProgress(tune.Callback):
         self.time_budget_s = time_budget_s
         self.log_file = log_file
         self.started = started or time.time()
-        self.out = out or sys.stdout
+        # None: whatever sys.stdout is when a line is written. Tune pickles its callbacks with
+        # the search's state, and a captured stream (pytest's) cannot be pickled.
+        self.out = out
         self._running: set[str] = set()
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -114,17 +116,20 @@ class SearchProgress(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._running.discard(trial.trial_id)
-        self.out.write(self.line(trial.trial_id) + "\n")
-        self.out.flush()
+        self._write(self.line(trial.trial_id))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._running.discard(trial.trial_id)
         record = self.tracker.trials.get(trial.trial_id)
         reason = _last_line(record.error if record else None)
         where = getattr(trial, "error_file", None) or (str(self.log_file) if self.log_file else "the MLflow run")
-        self.out.write(f"[trial {trial.trial_id}] failed: {reason} (full log: {where})\n")
-        self.out.write(self.line(trial.trial_id) + "\n")
-        self.out.flush()
+        self._write(f"[trial {trial.trial_id}] failed: {reason} (full log: {where})")
+        self._write(self.line(trial.trial_id))
+
+    def _write(self, line: str) -> None:
+        out = self.out or sys.stdout
+        out.write(line + "\n")
+        out.flush()
 
     def counts(self) -> dict[str, int]:
         records = self.tracker.trials.values()

@@ -134,6 +134,7 @@ class SearchTracker:
         """artifact_location: where a new experiment keeps artifacts. Left None, a sqlite store
         puts them in ./mlruns of whatever directory the search was started from. trial_tags: set
         on every trial's run (which model, task and data split: see `best_per_family`)."""
+        self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.experiment_id = model_development_experiment(self.client, mlflow_experiment, artifact_location)
         # Dataset inputs ({context: DatasetInput}): the parent gets every split, a trial's run the
@@ -340,8 +341,17 @@ class SearchTracker:
             self.client.get_registered_model(registered_model_name)
         except Exception:  # mlflow raises RestException/MlflowException for "not found" by store
             self.client.create_registered_model(registered_model_name)
-        version = self.client.create_model_version(registered_model_name, logged.artifact_location,
-                                                   run_id=best.run_id, tags=tags, model_id=logged.model_id)
+        # The version's source is the logged model, which the UI links to. MLflow's registry
+        # resolves a models:/ source through the process-wide tracking URI, not this client's.
+        import mlflow
+
+        previous = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(self.tracking_uri)
+        try:
+            version = self.client.create_model_version(registered_model_name, f"models:/{logged.model_id}",
+                                                       run_id=best.run_id, tags=tags, model_id=logged.model_id)
+        finally:
+            mlflow.set_tracking_uri(previous)
         self.client.set_registered_model_alias(registered_model_name, alias, version.version)
         return version.version
 
