@@ -131,18 +131,16 @@ def checkpoints(small_data_dir, toolrag_checkpoint, tmp_path_factory) -> dict[st
 
 
 def _register(tracking_uri: str, folder: Path, name: str) -> str:
-    """Register a checkpoint folder as the search does (a run's `model` artifacts, alias closest-to-paper)."""
-    from mlflow import MlflowClient
+    """Register a checkpoint folder as a search does: a logged model of the closest trial's run,
+    registered with alias closest-to-paper (SearchTracker.mark_closest)."""
+    from tuning.tracking import SearchTracker
 
-    client = MlflowClient(tracking_uri)
-    experiment = client.create_experiment("searches", (folder.parent / "artifacts").as_uri())
-    run = client.create_run(experiment)
-    client.log_artifacts(run.info.run_id, str(folder), artifact_path="model")
-    client.set_terminated(run.info.run_id)
-    client.create_registered_model(name)
-    version = client.create_model_version(name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
-    client.set_registered_model_alias(name, "closest-to-paper", version.version)
-    return version.version
+    tracker = SearchTracker(tracking_uri, "searches", max_epochs=1, artifact_location=(folder.parent / "artifacts").as_uri())
+    tracker.start_parent("search", {}, {}, [])
+    tracker.trial_started("t1", {}, {})
+    tracker.trial_result("t1", {"epoch": 1, "paper_distance": 0.0, "checkpoint_path": str(folder)})
+    tracker.trial_ended("t1", "FINISHED")
+    return tracker.mark_closest(1, name)
 
 
 def _evaluate(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:

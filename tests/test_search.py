@@ -91,8 +91,12 @@ def test_asha_stops_trials_and_the_closest_is_tagged_and_registered(smoke_search
     assert {"config.json", "model.safetensors", "toolrag.json"} <= model_files
     import mlflow
 
-    folder = Path(mlflow.artifacts.download_artifacts(f"runs:/{version.run_id}/model", tracking_uri=smoke_search["uri"]))
-    assert {"config.json", "model.safetensors", "toolrag.json"} <= {p.name for p in folder.iterdir()}
+    # As a user reads it: with the store as MLflow's tracking URI (MLflow resolves a logged model
+    # through the process-wide URI), runs:/RUN_ID/model and models:/NAME@ALIAS give the files.
+    mlflow.set_tracking_uri(smoke_search["uri"])
+    for uri in (f"runs:/{version.run_id}/model", "models:/tinyagent-toolrag@closest-to-paper"):
+        folder = Path(mlflow.artifacts.download_artifacts(uri))
+        assert {"config.json", "model.safetensors", "toolrag.json"} <= {p.name for p in folder.iterdir()}, uri
 
 
 @pytest.mark.ray
@@ -265,6 +269,10 @@ def test_the_mlflow_ui_and_the_report_render_in_a_browser(smoke_search, mlflow_r
             page.goto(f"{base}#/experiments/{experiment_id}/runs/{parent.info.run_id}?workflowType=machine_learning")
             page.get_by_text("Closest to the paper (chosen on validation):").wait_for(timeout=60_000)
             page.get_by_role("link", name=closest.data.tags["trial_id"]).first.wait_for()
+            if page.get_by_role("button", name="Close").count():  # the UI's assistant panel hides half the page
+                page.get_by_role("button", name="Close").first.click()
+            page.get_by_role("button", name="Expand description").click()
+            page.locator("th", has_text="test tool_recall").first.wait_for()  # the Markdown table, rendered
             page.screenshot(path=shots / "mlflow-parent-run.png")
 
             page.goto(f"{base}#/experiments/{experiment_id}/runs/{parent.info.run_id}/artifacts/plots/pos_weight.png"
@@ -284,6 +292,11 @@ def test_the_mlflow_ui_and_the_report_render_in_a_browser(smoke_search, mlflow_r
             # The report's link, pointed at this server, opens the closest trial's run.
             page.goto(href.replace("http://127.0.0.1:5000/", base))
             page.get_by_text(closest.info.run_name).first.wait_for(timeout=60_000)
+            # Its checkpoint is listed as the run's logged model, and as a registered version.
+            version = client.get_model_version_by_alias("tinyagent-toolrag", "closest-to-paper")
+            model_id = version.source[len("models:/"):]
+            page.locator(f"a[href='#/experiments/{experiment_id}/models/{model_id}']").first.wait_for(timeout=30_000)
+            page.locator(f"a[href='#/models/tinyagent-toolrag/versions/{version.version}']").first.wait_for()
             page.screenshot(path=shots / "mlflow-closest-trial.png")
             browser.close()
     finally:
@@ -336,7 +349,8 @@ def test_the_linear_baseline_runs_as_a_search_recorded_like_the_transformer(smok
     assert version.run_id == closest.info.run_id
     import mlflow
 
-    folder = mlflow.artifacts.download_artifacts(f"runs:/{closest.info.run_id}/model", tracking_uri=smoke_search["uri"])
+    mlflow.set_tracking_uri(smoke_search["uri"])  # a logged model is found through the global URI
+    folder = mlflow.artifacts.download_artifacts(f"runs:/{closest.info.run_id}/model")
     pipeline, config = load_checkpoint(folder)
     assert config.pos_weight == float(closest.data.params["pos_weight"])
     assert pipeline.predict_proba(["Text Sid that I am late"]).shape == (1, 16)

@@ -79,8 +79,10 @@ def resolve_model(given: str, flag: str, tracking_uri: str, download_root: Path,
                 staging = target.with_name(target.name + ".partial")
                 shutil.rmtree(staging, ignore_errors=True)
                 staging.mkdir(parents=True)
-                # download_artifacts reads models:/ URIs from the global registry, not `tracking_uri`.
+                # download_artifacts reads models:/ URIs from the global registry, and a logged
+                # model (what a search registers) from the global tracking store, not `tracking_uri`.
                 mlflow.set_registry_uri(tracking_uri)
+                mlflow.set_tracking_uri(tracking_uri)
                 mlflow.artifacts.download_artifacts(artifact_uri=given, dst_path=str(staging),
                                                     tracking_uri=tracking_uri)
                 # A models:/ URI lands as its files; a runs:/ID/PATH as a folder PATH inside.

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Dataset as MlflowDataset
-from mlflow.entities import DatasetInput, InputTag, LoggedModelStatus, Metric, Param, RunTag
+from mlflow.entities import DatasetInput, InputTag, LoggedModelOutput, LoggedModelStatus, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
 
@@ -337,6 +337,8 @@ class SearchTracker:
             params={k: str(v) for k, v in best.params.items()}, model_type=registered_model_name)
         self.client.log_model_artifacts(logged.model_id, best.checkpoint_path)
         self.client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+        # An output of the trial's run: its page lists it under "Logged models".
+        self.client.log_outputs(best.run_id, [LoggedModelOutput(logged.model_id, step=int(best.best[names.EPOCH]))])
         try:
             self.client.get_registered_model(registered_model_name)
         except Exception:  # mlflow raises RestException/MlflowException for "not found" by store
