@@ -45,10 +45,10 @@ def route_logs(folder: Path, verbose: bool) -> Path:
         previous.close()
     root.addHandler(handler)
     root.setLevel(logging.INFO)
-    # Warnings (deprecations, tokenizer notices) are log records too, not console lines.
-    logging.captureWarnings(True)
     if verbose:
         return log_file
+    # Warnings (deprecations, tokenizer notices) become log records, not console lines.
+    logging.captureWarnings(True)
     import optuna
 
     optuna.logging.disable_default_handler()
