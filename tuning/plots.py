@@ -236,7 +236,9 @@ def _pos_weight(data: PlotInput) -> Figure | None:
     if not trials:
         return None
     fig, axes = _figure(2, width=12.0, sharex=True)
-    for ax, metric in zip(axes, data.spec.headline):
+    # Both figures rise with pos_weight: recall saturates near the top (lower right stays free),
+    # tools retrieved climb from the bottom left (upper left stays free).
+    for ax, metric, corner in zip(axes, data.spec.headline, ("lower right", "upper left")):
         shown = [r for r in trials if metric in r.best]
         ax.errorbar([float(r.params[POS_WEIGHT]) for r in shown], [r.best[metric] for r in shown],
                     yerr=_errors([r.best for r in shown], metric), fmt="o", capsize=3, label=TRIAL_LABEL)
@@ -244,7 +246,7 @@ def _pos_weight(data: PlotInput) -> Figure | None:
             _ring(ax, float(trials[0].params[POS_WEIGHT]), trials[0].best[metric])
         _paper_band(ax, data, metric)
         ax.set(xscale="log", xlabel=POS_WEIGHT, ylabel=f"validation {metric} (95% CI)")
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="small", loc=corner)
     fig.suptitle(f"{POS_WEIGHT} against validation {' and '.join(data.spec.headline)} (each trial's best epoch)")
     return fig
 
