@@ -250,5 +250,19 @@ def test_search_progress_counts_trials_and_estimates_what_is_left(tmp_path):
     # 2 trials ended in about 120 s: the 4 left take about 240 s more.
     assert re.search(r"\| 2m0\ds elapsed, ~(3m5\d|4m0\d)s left$", lines[2]), lines[2]
     assert progress.remaining_s(done=2, elapsed=120) == 240
+    assert "\r" not in out.getvalue(), "no live line when the output is not a terminal"
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    live = SearchProgress(tracker, total=6, max_concurrent=2, time_budget_s=None, log_file=None, out=terminal)
+    live.on_step(0, [])
+    live.on_step(0, [])  # within a second: not redrawn
+    assert terminal.getvalue().count("\r\033[K[search] 2/6 trials ended") == 1 and not terminal.getvalue().endswith("\n")
+    live.on_trial_complete(0, [], Trial("c"))
+    # The live line is wiped before the ended trial's line is written on its own line.
+    assert terminal.getvalue().endswith("\r\033[K" + live.line() + "\n")
     budgeted = SearchProgress(tracker, total=6, max_concurrent=2, time_budget_s=150, log_file=None)
     assert budgeted.remaining_s(done=2, elapsed=120) == 30

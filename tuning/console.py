@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -93,10 +94,21 @@ def _setting(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
+# How often the live status line of a terminal is redrawn.
+LIVE_PERIOD_S = 1.0
+
+
+def _is_terminal(stream) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
 class SearchProgress(tune.Callback):
     """One line each time a trial ends: how many are done, running, stopped and failed out of
     the total, the closest trial so far (on validation), the time spent and an estimate of what
-    is left. It reads the tracker, whose callback runs before this one."""
+    is left. On a terminal the same status also stays live on the last line between trial ends
+    (redrawn in place, so it adds no lines). It reads the tracker, whose callback runs before
+    this one."""
 
     def __init__(self, tracker, total: int, max_concurrent: int, time_budget_s: float | None,
                  log_file: Path | None, started: float | None = None, out=None):
@@ -110,13 +122,15 @@ class SearchProgress(tune.Callback):
         # the search's state, and a captured stream (pytest's) cannot be pickled.
         self.out = out
         self._running: set[str] = set()
+        self._live_drawn_at = 0.0
+        self._live_shown = False
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._running.add(trial.trial_id)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._running.discard(trial.trial_id)
-        self._write(self.line(trial.trial_id))
+        self._write(self.line())
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._running.discard(trial.trial_id)
@@ -124,10 +138,29 @@ class SearchProgress(tune.Callback):
         reason = _last_line(record.error if record else None)
         where = getattr(trial, "error_file", None) or (str(self.log_file) if self.log_file else "the MLflow run")
         self._write(f"[trial {trial.trial_id}] failed: {reason} (full log: {where})")
-        self._write(self.line(trial.trial_id))
+        self._write(self.line())
+
+    def on_step(self, iteration, trials, **info):
+        out = self.out or sys.stdout
+        if not _is_terminal(out) or time.time() - self._live_drawn_at < LIVE_PERIOD_S:
+            return
+        self._live_drawn_at = time.time()
+        width = max(20, shutil.get_terminal_size().columns - 1)
+        out.write("\r\033[K" + self.line()[:width])
+        out.flush()
+        self._live_shown = True
+
+    def on_experiment_end(self, trials, **info):
+        self._clear_live(self.out or sys.stdout)
+
+    def _clear_live(self, out) -> None:
+        if self._live_shown:  # the next line starts where the live one was
+            out.write("\r\033[K")
+            self._live_shown = False
 
     def _write(self, line: str) -> None:
         out = self.out or sys.stdout
+        self._clear_live(out)
         out.write(line + "\n")
         out.flush()
 
@@ -148,7 +181,7 @@ class SearchProgress(tune.Callback):
             estimate = budget_left if estimate is None else min(estimate, budget_left)
         return estimate
 
-    def line(self, trial_id: str) -> str:
+    def line(self) -> str:
         counts, elapsed = self.counts(), time.time() - self.started
         text = (f"[search] {counts['done']}/{self.total} trials ended ({counts['stopped']} stopped early, "
                 f"{counts['failed']} failed), {counts['running']} running")
