@@ -30,24 +30,50 @@ def log_folder(results_dir: Path, run_name: str) -> Path:
     return results_dir / "logs" / run_name
 
 
-def route_logs(folder: Path, verbose: bool) -> Path:
-    """Send the libraries' log records to FOLDER/search.log (and, verbose, to the console too).
+class SearchLog(logging.Handler):
+    """The search's log file, opened only once the search is accepted: records from before (Ray
+    starting) wait in memory, so a search refused at that point leaves no file behind."""
 
-    Returns the log file. Called before Ray starts, so Ray's own start-up lines land there.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    log_file = folder / SEARCH_LOG
-    handler = logging.FileHandler(log_file, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.search_log = True
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.waiting: list[logging.LogRecord] = []
+        self.file: logging.FileHandler | None = None
+
+    def open(self, log_file: Path) -> Path:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        self.file = logging.FileHandler(log_file, encoding="utf-8")  # appends: a resumed search adds on
+        self.file.setFormatter(self.formatter)
+        for record in self.waiting:
+            self.file.emit(record)
+        self.waiting.clear()
+        return log_file
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.file is None:
+            self.waiting.append(record)
+        else:
+            self.file.emit(record)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        super().close()
+
+
+def route_logs(verbose: bool) -> SearchLog:
+    """Send the libraries' log records to the search's log file (and, verbose, to the console
+    too); `SearchLog.open` names the file. Called before Ray starts, so Ray's own start-up
+    lines land there."""
+    handler = SearchLog()
     root = logging.getLogger()
-    for previous in [h for h in root.handlers if getattr(h, "search_log", False)]:
+    for previous in [h for h in root.handlers if isinstance(h, SearchLog)]:
         root.removeHandler(previous)  # an earlier search in this process (tests) wrote its own file
         previous.close()
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     if verbose:
-        return log_file
+        return handler
     # Warnings (deprecations, tokenizer notices) become log records, not console lines.
     logging.captureWarnings(True)
     import optuna
@@ -58,7 +84,7 @@ def route_logs(folder: Path, verbose: bool) -> Path:
         library = logging.getLogger(name)
         library.handlers.clear()
         library.propagate = True
-    return log_file
+    return handler
 
 
 def link_ray_logs(folder: Path) -> Path | None:

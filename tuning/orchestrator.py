@@ -539,16 +539,12 @@ def execute(prepared: PreparedSearch) -> int:
     import ray
     from mlflow.exceptions import MlflowException
 
-    from tuning import ray_search
-
-    from tuning import console
+    from tuning import console, ray_search
 
     request = prepared.request
     started = time.time()
-    logs = console.log_folder(prepared.results_dir, prepared.parent_run_name)
-    log_file = console.route_logs(logs, request.verbose)
+    search_log = console.route_logs(request.verbose)
     started_ray = ray_search.start_ray(request.address, verbose=request.verbose)
-    _say_where_ray_is(started_ray, logs, log_file, request.verbose)
     try:
         # Before anything is written: a request no node can hold would leave every trial
         # PENDING forever.
@@ -557,6 +553,9 @@ def execute(prepared: PreparedSearch) -> int:
         if problem:
             raise UserError(problem)
         prepared.results_dir.mkdir(parents=True, exist_ok=True)
+        logs = console.log_folder(prepared.results_dir, prepared.parent_run_name)
+        log_file = search_log.open(logs / console.SEARCH_LOG)
+        _say_where_ray_is(started_ray, logs, log_file, request.verbose)
         if prepared.base_build is not None:
             _build_base(prepared)
         tracker, resumed_counts = _open_tracking(prepared)
