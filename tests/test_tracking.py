@@ -258,8 +258,8 @@ def test_search_progress_counts_trials_and_estimates_what_is_left(tmp_path):
 
     terminal = Terminal()
     live = SearchProgress(tracker, total=6, max_concurrent=2, time_budget_s=None, log_file=None, out=terminal)
-    live.on_step(0, [])
-    live.on_step(0, [])  # within a second: not redrawn
+    live.on_step_end(0, [])
+    live.on_step_end(0, [])  # within a second: not redrawn
     assert terminal.getvalue().count("\r\033[K[search] 2/6 trials ended") == 1 and not terminal.getvalue().endswith("\n")
     live.on_trial_complete(0, [], Trial("c"))
     # The live line is wiped before the ended trial's line is written on its own line.

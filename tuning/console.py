@@ -166,7 +166,7 @@ class SearchProgress(tune.Callback):
         self._write(f"[trial {trial.trial_id}] failed: {reason} (full log: {where})")
         self._write(self.line())
 
-    def on_step(self, iteration, trials, **info):
+    def on_step_end(self, iteration, trials, **info):
         out = self.out or sys.stdout
         if not _is_terminal(out) or time.time() - self._live_drawn_at < LIVE_PERIOD_S:
             return
