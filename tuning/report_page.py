@@ -28,7 +28,7 @@ from trainers.registry import MODELS, ModelSpec
 from tuning import report
 from tuning.config import TEMPLATE_KEY
 from tuning.tracking import (
-    CLOSEST_RANK_TAG, NOTE_TAG, PARENT_TAG, SEARCH_TAG, TrialRecord, _record_from_run, rank,
+    CLOSEST_RANK_TAG, NOTE_TAG, SEARCH_TAG, TrialRecord, _record_from_run, child_runs, latest_search, rank,
 )
 
 DEFAULT_UI = "http://127.0.0.1:5000/"
@@ -67,17 +67,6 @@ class SearchView:
         return self.parent.data.metrics
 
 
-def _child_runs(client: MlflowClient, experiment_id: str, parent_id: str) -> list:
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=1000,
-                                  page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
 def find_search(client: MlflowClient, experiment_name: str, run_id: str | None = None):
     """(experiment, parent run): the run given, else the experiment's latest search."""
     from tuning.config import UserError
@@ -94,11 +83,10 @@ def find_search(client: MlflowClient, experiment_name: str, run_id: str | None =
         if parent.info.experiment_id != experiment.experiment_id or parent.data.tags.get(SEARCH_TAG) != "parent":
             raise UserError(f"--run {run_id}: not a search (parent run) of experiment {experiment_name}")
         return experiment, parent
-    runs = client.search_runs([experiment.experiment_id], f"tags.{SEARCH_TAG} = 'parent'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs:
+    parent = latest_search(client.tracking_uri, experiment_name)
+    if parent is None:
         raise UserError(f"--experiment {experiment_name}: holds no search (no parent run)")
-    return experiment, runs[0]
+    return experiment, parent
 
 
 def load_search(client: MlflowClient, experiment_name: str, run_id: str | None = None) -> SearchView:
@@ -106,7 +94,7 @@ def load_search(client: MlflowClient, experiment_name: str, run_id: str | None =
     params = parent.data.params
     spec = MODELS[params["model_name"]]
     searched = json.loads(params.get("search_space", "{}"))
-    children = _child_runs(client, experiment.experiment_id, parent.info.run_id)
+    children = child_runs(client, experiment.experiment_id, parent.info.run_id)
     records = sorted((_record_from_run(client, run, list(searched)) for run in children), key=lambda r: r.started)
     ranked = rank(records)
     # The settings every trial shares (its fixed trainer settings are params of each trial's run).

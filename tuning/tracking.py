@@ -191,14 +191,7 @@ class SearchTracker:
         return counts
 
     def _child_runs(self, parent_run_id: str) -> list:
-        runs, token = [], None
-        while True:
-            page = self.client.search_runs([self.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
-                                           max_results=1000, page_token=token)
-            runs.extend(page)
-            token = page.token
-            if not token:
-                return runs
+        return child_runs(self.client, self.experiment_id, parent_run_id)
 
     def lost_trials(self) -> list[TrialRecord]:
         """Trials interrupted with the driver that the resumed search never picked up again:
@@ -537,6 +530,18 @@ def _error_text(trial) -> str:
         return Path(local).read_text()
     error = trial.get_error() if hasattr(trial, "get_error") else None
     return str(error) if error else "trial raised (no error text recorded)"
+
+
+def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list:
+    """Every trial run of a search, over as many pages as the store returns."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                                  max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
 
 
 def latest_search(tracking_uri: str, mlflow_experiment: str):
