@@ -7,7 +7,11 @@ evaluate); `run_epochs` does what they share:
 - cost accounting summed over workers;
 - the per-epoch report, with a checkpoint attached when the epoch is the best so far.
 
-It knows Ray Train (context, report, checkpoint) but nothing of Tune.
+Where the loop runs is a `WorkerSession`: a rank of a Ray Train worker group
+(`RayTrainSession`, any number of workers, GPUs, clusters), or the calling process alone
+(`InProcessSession`: one CPU worker, no worker group to start). Both keep checkpoints in a run
+folder and hand the last one back to a restarted run. The loop knows nothing of Tune: the
+in-process session is given the function that relays its reports.
 """
 
 from __future__ import annotations
@@ -25,6 +29,114 @@ from trainers import metric_names as names
 from trainers.batching import all_reduce_sum
 
 TRAINER_STATE_FILE = "trainer_state.pt"
+# An in-process run's checkpoints: one folder per best-so-far epoch, written under a temporary
+# name and renamed once complete, so a run killed mid-write resumes from the previous one.
+IN_PROCESS_CHECKPOINT_PREFIX = "checkpoint_epoch_"
+PARTIAL_CHECKPOINT_PREFIX = ".partial-"
+
+
+class WorkerSession:
+    """What the epoch loop needs from where it runs: rank, world size, device and CPUs; the
+    run's last checkpoint; a way to report an epoch (with a checkpoint folder when the epoch is
+    the best so far); and the model placed for training."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    cpus: float = 1.0
+
+    def get_checkpoint(self):
+        """The run's last checkpoint (a `ray.train.Checkpoint`), or None."""
+        raise NotImplementedError
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+        raise NotImplementedError
+
+    def prepare_model(self, model):
+        return model.to(self.device)
+
+
+class RayTrainSession(WorkerSession):
+    """A rank of a Ray Train worker group: Train saves the checkpoints and restores them to a
+    restarted group; `prepare_model` wraps the model in DDP when there are several ranks."""
+
+    def __init__(self):
+        import ray
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+
+    def get_checkpoint(self):
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir)
+                         if checkpoint_dir else None)
+
+    def prepare_model(self, model):
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+
+class InProcessSession(WorkerSession):
+    """The whole run in the calling process: one worker, on the CPU.
+
+    Checkpoints go to `run_dir` (a local folder or cloud URI), keeping the last one, in the
+    layout `get_checkpoint` reads back; each report is handed to `relay` with the checkpoint's
+    path as `checkpoint_path`, as Train's report reaches a search.
+    """
+
+    def __init__(self, run_dir: str, relay: Callable[[dict[str, Any]], None], cpus: float = 1.0):
+        from pyarrow import fs
+
+        self.filesystem, self.root = fs.FileSystem.from_uri(run_dir)
+        self.relay, self.cpus = relay, cpus
+
+    def _complete_checkpoints(self) -> list[str]:
+        from pyarrow import fs
+
+        if self.filesystem.get_file_info(self.root).type == fs.FileType.NotFound:
+            return []
+        found = self.filesystem.get_file_info(fs.FileSelector(self.root))
+        return sorted(info.base_name for info in found
+                      if info.type == fs.FileType.Directory and info.base_name.startswith(IN_PROCESS_CHECKPOINT_PREFIX))
+
+    def get_checkpoint(self):
+        import ray.train
+
+        complete = self._complete_checkpoints()
+        if not complete:
+            return None
+        # Without its scheme on cloud storage, as Train reports checkpoint paths.
+        return ray.train.Checkpoint(f"{self.root}/{complete[-1]}", filesystem=self.filesystem)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+        from pyarrow import fs
+
+        if checkpoint_dir:
+            name = f"{IN_PROCESS_CHECKPOINT_PREFIX}{int(metrics[names.EPOCH]):04d}"
+            partial = f"{self.root}/{PARTIAL_CHECKPOINT_PREFIX}{name}"
+            older = self._complete_checkpoints()
+            for leftover in (partial, f"{self.root}/{name}"):  # from a run killed mid-write
+                if self.filesystem.get_file_info(leftover).type != fs.FileType.NotFound:
+                    self.filesystem.delete_dir(leftover)
+            self.filesystem.create_dir(partial, recursive=True)
+            fs.copy_files(checkpoint_dir, partial, destination_filesystem=self.filesystem)
+            self.filesystem.move(partial, f"{self.root}/{name}")
+            for stale in older:  # keep one, as Train's CheckpointConfig(num_to_keep=1) does
+                if stale != name:
+                    self.filesystem.delete_dir(f"{self.root}/{stale}")
+            metrics = {**metrics, names.CHECKPOINT_PATH: f"{self.root}/{name}"}
+        self.relay(metrics)
 
 
 @dataclass
@@ -56,6 +168,8 @@ class EpochTrainer:
     device: torch.device = torch.device("cpu")
     optimizer: Any = None
     scheduler: Any = None
+    # Where the loop runs; `build` places the model through it (DDP across Train ranks).
+    session: WorkerSession = WorkerSession()
 
     def __init__(self, config):
         self.config = config  # needs `epochs` and `seed`
@@ -130,16 +244,14 @@ def load_trainer_state(directory: str) -> dict[str, Any] | None:
     return torch.load(path, weights_only=True) if path.exists() else None
 
 
-def from_last_checkpoint(load_model: Callable[[str], Any]):
+def from_last_checkpoint(load_model: Callable[[str], Any], session: WorkerSession):
     """(model, trainer state, checkpoint) from the run's last checkpoint, or (None, None, None).
 
-    Train hands a worker group the last registered checkpoint when it restarts it (a lost node)
-    and when a resumed search fits the trial's run again. A checkpoint without trainer state
-    cannot be resumed: the trainer then starts over.
+    The session hands over the last checkpoint when a run starts again: a worker group Train
+    restarted (a lost node), a retried trial, a trial a resumed search fits again. A checkpoint
+    without trainer state cannot be resumed: the trainer then starts over.
     """
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.get_checkpoint()
     if checkpoint is None:
         return None, None, None
     with checkpoint.as_directory() as directory:
@@ -158,7 +270,7 @@ def first_epoch(state: dict[str, Any] | None, optimizer, scheduler) -> int:
     return state["epoch"] + 1
 
 
-def report_again_if_ended(state: dict[str, Any] | None, checkpoint, epochs: int) -> bool:
+def report_again_if_ended(state: dict[str, Any] | None, checkpoint, epochs: int, session: WorkerSession) -> bool:
     """Whether the run being resumed had already trained its last epoch; if so, report that
     epoch's metrics (kept in the trainer state) again, with the checkpoint's path.
 
@@ -167,10 +279,7 @@ def report_again_if_ended(state: dict[str, Any] | None, checkpoint, epochs: int)
     """
     if state is None or state["epoch"] < epochs or "metrics" not in state:
         return False
-    import ray.train
-
-    ray.train.report({**state["metrics"], names.RESUMED_FROM_EPOCH: state["epoch"],
-                      names.CHECKPOINT_PATH: checkpoint.path})
+    session.report({**state["metrics"], names.RESUMED_FROM_EPOCH: state["epoch"], names.CHECKPOINT_PATH: checkpoint.path})
     return True
 
 
@@ -180,33 +289,29 @@ def _fetch(data):
     return ray.get(data) if isinstance(data, ray.ObjectRef) else data
 
 
-def run_epochs(trainer: EpochTrainer, loop_config: dict[str, Any]) -> None:
-    """Train `trainer` for its config's epochs on this Ray Train worker, reporting each epoch.
+def run_epochs(trainer: EpochTrainer, loop_config: dict[str, Any], session: WorkerSession | None = None) -> None:
+    """Train `trainer` for its config's epochs in `session` (default: this Ray Train worker),
+    reporting each epoch.
 
     loop_config: {"trainer": config fields, "data": ObjectRef or dict of {"train", "val"},
     "data_fingerprint": str}. Every report carries the validation figures `evaluate` returns
     plus the shared cost figures, summed over workers.
     """
-    import ray
-    import ray.train
-    import ray.train.torch
-
     started = time.perf_counter()
     cpu_started = time.process_time()
-    context = ray.train.get_context()
-    trainer.rank, trainer.world = context.get_world_rank(), context.get_world_size()
-    trainer.device = ray.train.torch.get_device()
-    # Ray does not set torch's thread count in Train workers: left alone, torch starts one
+    session = session or RayTrainSession()
+    trainer.session = session
+    trainer.rank, trainer.world, trainer.device = session.rank, session.world, session.device
+    # Ray does not set torch's thread count in its workers: left alone, torch starts one
     # thread per core in every worker, and two trials on two cores fight over four threads.
-    assigned_cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-    torch.set_num_threads(max(1, int(assigned_cpus)))
+    torch.set_num_threads(max(1, int(session.cpus)))
     seed_everything(trainer.config.seed)
 
     trainer.prepare_data(lambda: _fetch(loop_config["data"]), loop_config["data_fingerprint"])
     data_prep_seconds = time.perf_counter() - started
 
-    resumed_model, state, resumed = from_last_checkpoint(trainer.load_model)
-    if report_again_if_ended(state, resumed, trainer.config.epochs):
+    resumed_model, state, resumed = from_last_checkpoint(trainer.load_model, session)
+    if report_again_if_ended(state, resumed, trainer.config.epochs, session):
         return
     trainer.build(resumed_model)
     start = first_epoch(state, trainer.optimizer, trainer.scheduler)
@@ -239,9 +344,9 @@ def run_epochs(trainer: EpochTrainer, loop_config: dict[str, Any]) -> None:
                 trainer.save(directory)
                 save_trainer_state(directory, epoch, trainer.optimizer, trainer.scheduler, metrics=metrics,
                                    **trainer.checkpoint_state())
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+                session.report(metrics, checkpoint_dir=directory)
         else:
-            ray.train.report(metrics)
+            session.report(metrics)
 
 
 def steps_per_epoch(examples: int, world: int, per_worker_batch: int) -> int:

@@ -26,7 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trainers import metric_names as names
 from trainers.batching import PaddedBatches, all_reduce_sum, autocast, length_grouped_batches, pack_sequences, unwrap
-from trainers.epoch_loop import EpochCost, EpochTrainer, Evaluation, adamw_with_warmup, run_epochs, steps_per_epoch
+from trainers.epoch_loop import (
+    EpochCost, EpochTrainer, Evaluation, WorkerSession, adamw_with_warmup, run_epochs, steps_per_epoch,
+)
 from trainers.evaluation import paper_distance, wilson_interval
 from trainers.planner_base import compact_system_prompt
 from trainers.planner_prompts import IGNORE_INDEX, PLANNER_TEMPLATES, encode_example, prompt_token_ids
@@ -313,10 +315,8 @@ class PlannerTrainer(EpochTrainer):
         return load_checkpoint(directory, trainable=True)[0]
 
     def build(self, resumed_model) -> None:
-        import ray.train.torch
-
         config = self.config
-        self.model = ray.train.torch.prepare_model(resumed_model or build_lora_model(config))
+        self.model = self.session.prepare_model(resumed_model or build_lora_model(config))
         self.per_worker_batch = max(1, config.batch_size // self.world)
         self.micro = min(config.micro_batch_size, self.per_worker_batch)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -401,7 +401,7 @@ class PlannerTrainer(EpochTrainer):
         _save_checkpoint(self.model, self.tokenizer, self.config, directory)
 
 
-def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
+def train_fn_per_worker(loop_config: dict[str, Any], session: WorkerSession | None = None) -> None:
     """Train one planner configuration; runs on every Ray Train worker.
 
     loop_config: {"trainer": PlannerConfig fields, "data": ObjectRef or dict of
@@ -411,7 +411,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     paper_distance, best_paper_distance, train_loss and cost figures, and `sample_plans` as
     JSON text.
     """
-    run_epochs(PlannerTrainer(PlannerConfig.model_validate(loop_config["trainer"])), loop_config)
+    run_epochs(PlannerTrainer(PlannerConfig.model_validate(loop_config["trainer"])), loop_config, session)
 
 
 def score_checkpoint(directory: str, split: list[dict[str, Any]], device: torch.device | None = None,

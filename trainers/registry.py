@@ -29,7 +29,8 @@ class ModelSpec:
     # How the model is built; presets choose it (`family:`), the default is "transformer".
     family: str
     config_class: type[BaseModel]
-    train_fn_per_worker: Callable[[dict[str, Any]], None]
+    # (loop config, session=None): one trial's training, in a Ray Train worker or in-process.
+    train_fn_per_worker: Callable[..., None]
     # (checkpoint folder, split, device, max_examples) -> (metrics, sample outputs)
     score_checkpoint: Callable[..., tuple[dict[str, float], list[dict[str, Any]]]]
     # A split's examples as the trainer reads them (what a trial's payload holds).

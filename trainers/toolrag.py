@@ -25,7 +25,9 @@ from trainers import metric_names as names
 from trainers.batching import (
     PaddedBatches, all_reduce_sum, autocast, length_grouped_batches, pack_sequences, unwrap,
 )
-from trainers.epoch_loop import EpochCost, EpochTrainer, Evaluation, adamw_with_warmup, run_epochs, steps_per_epoch
+from trainers.epoch_loop import (
+    EpochCost, EpochTrainer, Evaluation, WorkerSession, adamw_with_warmup, run_epochs, steps_per_epoch,
+)
 from trainers.evaluation import ToolRetrievalCounts, paper_distance
 from trainers.models import config_from_dict
 from trainers.tools import NUM_TOOLS, TOOL_NAMES
@@ -256,10 +258,8 @@ class ToolRAGTrainer(EpochTrainer):
         return load_checkpoint(directory)[0]
 
     def build(self, resumed_model) -> None:
-        import ray.train.torch
-
         config = self.config
-        self.model = ray.train.torch.prepare_model(apply_freezing(resumed_model or build_classifier(config), config))
+        self.model = self.session.prepare_model(apply_freezing(resumed_model or build_classifier(config), config))
         self.per_worker_batch = max(1, config.batch_size // self.world)
         steps = steps_per_epoch(len(self.lengths), self.world, self.per_worker_batch)
         trainable = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
@@ -307,7 +307,7 @@ class ToolRAGTrainer(EpochTrainer):
         _save_checkpoint(self.model, self.checkpoint_tokenizer, self.config, directory)
 
 
-def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
+def train_fn_per_worker(loop_config: dict[str, Any], session: WorkerSession | None = None) -> None:
     """Train one ToolRAG configuration; runs on every Ray Train worker.
 
     loop_config: {"trainer": ToolRAGConfig fields, "data": ObjectRef or dict of
@@ -316,7 +316,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     precision, per-tool recall, paper_distance, best_paper_distance and cost figures; rank 0
     attaches a checkpoint when the epoch is the best so far.
     """
-    run_epochs(ToolRAGTrainer(ToolRAGConfig.model_validate(loop_config["trainer"])), loop_config)
+    run_epochs(ToolRAGTrainer(ToolRAGConfig.model_validate(loop_config["trainer"])), loop_config, session)
 
 
 def score_checkpoint(directory: str, split: dict[str, list], device: torch.device | None = None,

@@ -34,7 +34,7 @@ from sklearn.multiclass import OneVsRestClassifier
 from sklearn.pipeline import FeatureUnion, Pipeline
 
 from trainers import metric_names as names
-from trainers.epoch_loop import EpochCost, EpochTrainer, Evaluation, run_epochs
+from trainers.epoch_loop import EpochCost, EpochTrainer, Evaluation, WorkerSession, run_epochs
 from trainers.evaluation import ToolRetrievalCounts, paper_distance
 from trainers.toolrag import TOOLRAG_TEMPLATES, Target, render_inputs
 from trainers.tools import NUM_TOOLS
@@ -295,10 +295,10 @@ class LinearToolRAGTrainer(EpochTrainer):
         save_checkpoint(self.pipeline, self.config, directory)
 
 
-def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
+def train_fn_per_worker(loop_config: dict[str, Any], session: WorkerSession | None = None) -> None:
     """Fit one linear ToolRAG configuration on a Ray Train worker and report its validation
     figures (the transformer's names), with the fitted pipeline as the checkpoint.
 
     loop_config: as `trainers.toolrag.train_fn_per_worker`'s, with LinearToolRAGConfig fields.
     """
-    run_epochs(LinearToolRAGTrainer(LinearToolRAGConfig.model_validate(loop_config["trainer"])), loop_config)
+    run_epochs(LinearToolRAGTrainer(LinearToolRAGConfig.model_validate(loop_config["trainer"])), loop_config, session)

@@ -33,7 +33,7 @@ from tuning.config import (
     SPACES_DIR, TARGETS_FILE, TEMPLATE_KEY, Preset, SearchSpace, UserError, layer_preset_over_space, load_preset,
     load_search_space, load_targets, preset_path, shipped_presets,
 )
-from tuning.ray_search import SearchRequest
+from tuning.ray_search import SearchRequest, resolve_trial_runner
 from tuning.tracking import redact_uri, sqlite_path
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -138,6 +138,16 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise UserError(f"--val-fraction {args.val_fraction}: must be above 0 and at most 0.5")
     if args.experiment_name is not None and not EXPERIMENT_NAME_PATTERN.match(args.experiment_name):
         raise UserError(f"--experiment-name {args.experiment_name!r}: use letters, digits, '.', '_' and '-' only")
+    try:
+        trial_runner(args)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+
+
+def trial_runner(args: argparse.Namespace) -> str:
+    """in-process or ray-train (see tuning/ray_search.py): --trial-runner, auto by default."""
+    return resolve_trial_runner(getattr(args, "trial_runner", "auto"), args.workers_per_trial,
+                                args.gpus_per_worker, args.address)
 
 
 def check_options(args: argparse.Namespace) -> Locations:
@@ -323,7 +333,7 @@ def _parent_params(args: argparse.Namespace, inputs: Inputs, request: SearchRequ
         "model": args.model, "model_name": inputs.spec.name, "family": inputs.spec.family,
         "preset": inputs.preset_name, "objective": request.objective,
         "num_samples": request.num_samples, "seed": request.seed, "workers_per_trial": request.workers_per_trial,
-        "max_failed_trials": request.max_failed_trials,
+        "max_failed_trials": request.max_failed_trials, "trial_runner": request.trial_runner,
         "cpus_per_worker": request.cpus_per_worker, "gpus_per_worker": request.gpus_per_worker,
         "data_source": dataset.source, "data_fingerprint": dataset.fingerprint,
         "train_examples": len(dataset.train), "test_examples": len(dataset.test),
@@ -362,6 +372,7 @@ def plan_search(args: argparse.Namespace, locations: Locations, inputs: Inputs) 
         # trial ASHA stopped (its workers then fail their health check).
         retries_per_trial=args.retries_per_trial if args.retries_per_trial is not None else (2 if args.address else 0),
         resume=inputs.resumed_run is not None, verbose=getattr(args, "verbose", False),
+        trial_runner=trial_runner(args),
     )
     parent_params = _parent_params(args, inputs, request)
     if inputs.resumed_run is not None:

@@ -1,9 +1,15 @@
 """Builds and runs the Tune search on Ray: Optuna proposes, ASHA stops, Ray Train trains.
 
-Each Tune trial is a small function trainable (`fit_trial`) that fits a `TorchTrainer`
-running the model's `train_fn_per_worker` (the Train V2 shape; passing a trainer to the
-Tuner is the deprecated V1 API). The trial itself asks for almost no CPU, so the cores go
-to Train workers. "Driver" means one thing here: the search process, Ray's driver.
+A trial runs the model's `train_fn_per_worker` one of two ways (`trial_runner`):
+- `ray-train`: the Tune trial is a small function trainable (`fit_trial`) that fits a
+  `TorchTrainer` (the Train V2 shape; passing a trainer to the Tuner is the deprecated V1 API).
+  The trial itself asks for almost no CPU, so the cores go to its Train workers: any number of
+  workers, GPUs, nodes. Each trial starts a controller and a worker group of fresh processes.
+- `in-process`: the Tune trial is the worker (`train_in_process`). It asks for one worker's
+  resources and runs the training function itself, and Tune reuses its process for the next
+  trial, so the imports and caches stay warm. One CPU worker only.
+`auto` (the default) picks in-process for one CPU worker per trial on a local Ray, else
+ray-train. "Driver" means one thing here: the search process, Ray's driver.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ TRIAL_RESOURCES = {"cpu": 0, "memory": 64 * 1024 * 1024, "node:__internal_head__
 PLACEMENT_GROUP_WAIT_S = 30.0
 # Where `ray up` leaves the autoscaler's config on the head node.
 AUTOSCALING_CONFIG = Path("~/ray_bootstrap_config.yaml")
+TRIAL_RUNNERS = ("auto", "in-process", "ray-train")
 # Tune saves the search's state (trials, searcher) at most every 10 s by default; whatever
 # happened since is unknown to `--resume` after a crash. The state is small, so save often.
 EXPERIMENT_STATE_PERIOD_S = "2"
@@ -72,6 +79,23 @@ class SearchRequest:
     resume: bool = False
     # Tune's trial table and the workers' output on the console (default: in the log files).
     verbose: bool = False
+    # "in-process" or "ray-train", resolved by `resolve_trial_runner`.
+    trial_runner: str = "ray-train"
+
+
+def resolve_trial_runner(choice: str, workers: int, gpus_per_worker: float, address: str | None) -> str:
+    """The runner `choice` means for this search; raises ValueError when in-process cannot run it.
+
+    Auto picks in-process when a trial is one CPU worker on a local Ray: there a worker group
+    would cost ~16 s of process start-up per trial for nothing DDP needs. A cluster keeps Ray
+    Train, whose restarts survive a lost worker node without losing the trial.
+    """
+    if choice == "auto":
+        return "in-process" if workers == 1 and not gpus_per_worker and not address else "ray-train"
+    if choice == "in-process" and (workers != 1 or gpus_per_worker):
+        raise ValueError("--trial-runner in-process runs one CPU worker per trial: drop --workers-per-trial "
+                         "and --gpus-per-worker, or use --trial-runner ray-train")
+    return choice
 
 
 def max_epochs(trainer_base: dict[str, Any], param_space: dict[str, dict[str, Any]]) -> int:
@@ -130,6 +154,30 @@ def fit_trial(config: dict[str, Any], static: dict[str, Any]) -> None:
         ),
     )
     trainer.fit()
+
+
+def train_in_process(config: dict[str, Any], static: dict[str, Any]) -> None:
+    """The Tune trainable of the in-process runner: this trial is its one worker.
+
+    Checkpoints go where the trial's Train run would keep them (STORAGE/train/<run name>), so
+    a retried trial, or one a resumed search starts again, goes on from its last checkpoint.
+    """
+    from ray import tune
+
+    from trainers.epoch_loop import InProcessSession
+    from tuning.resume import read_final_result
+
+    run_name = train_run_name(static["tune_run_name"], tune.get_context().get_trial_id())
+    final = read_final_result(static["train_storage_path"], run_name)
+    if final is not None:  # as in fit_trial
+        tune.report({**final, "replayed_final_result": 1})
+        return
+    session = InProcessSession(storage_join(static["train_storage_path"], run_name), relay=tune.report,
+                               cpus=static["cpus_per_worker"])
+    static["train_fn_per_worker"](
+        {"trainer": {**static["trainer_base"], **config}, "data": static["data_ref"],
+         "data_fingerprint": static["data_fingerprint"]},
+        session=session)
 
 
 def _tune_space(param_space: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -320,24 +368,46 @@ def _new_tuner(request: SearchRequest, trainable, callbacks: list[Any], budget: 
     max_concurrent = request.max_concurrent or default_concurrency(request)
     print(f"[search] {request.num_samples} trials, up to {max_concurrent} at once, "
           f"{request.workers_per_trial} worker(s) x {request.cpus_per_worker} CPU"
-          + (f" x {request.gpus_per_worker} GPU" if request.gpus_per_worker else "") + " per trial", flush=True)
+          + (f" x {request.gpus_per_worker} GPU" if request.gpus_per_worker else "")
+          + f" per trial, {request.trial_runner}", flush=True)
+    in_process = request.trial_runner == "in-process"
     return tune.Tuner(
         trainable,
         param_space=_tune_space(request.param_space),
         tune_config=tune.TuneConfig(
             search_alg=searcher, scheduler=scheduler, num_samples=request.num_samples,
             max_concurrent_trials=max_concurrent,
-            # Actor reuse would keep an ASHA-stopped trial's TorchTrainer running in the reused
-            # actor (its fit() thread does not end within the reset timeout), so it stays off.
-            reuse_actors=False, time_budget_s=request.time_budget_s,
+            # In-process, the next trial reuses a finished trial's process and its imports. An
+            # ASHA-stopped trial is waiting inside its report, and exits there when Tune resets
+            # the process. With Ray Train it stays off: a stopped trial's TorchTrainer would go
+            # on running in the reused process (its fit() does not end within the reset timeout).
+            reuse_actors=in_process, time_budget_s=request.time_budget_s,
         ),
         run_config=tune.RunConfig(
             name=request.tune_run_name, storage_path=storage_join(request.storage_path, "tune"),
             callbacks=callbacks, stop=budget.stopper,
-            failure_config=tune.FailureConfig(max_failures=request.trial_max_failures),
+            failure_config=tune.FailureConfig(max_failures=trial_restarts(request)),
             verbose=1 if request.verbose else 0,
         ),
     )
+
+
+def trial_restarts(request: SearchRequest) -> int:
+    """How often Tune restarts a failed trial. In-process, the trial is its worker: the worker
+    restarts Train would make (--retries-per-trial) become trial restarts, from the checkpoint."""
+    if request.trial_runner == "in-process":
+        return request.trial_max_failures + request.retries_per_trial
+    return request.trial_max_failures
+
+
+def trial_trainable(request: SearchRequest, static: dict[str, Any]):
+    """The Tune trainable for the search's runner, with its resources."""
+    from ray import tune
+
+    if request.trial_runner == "in-process":
+        resources = {"cpu": request.cpus_per_worker}
+        return tune.with_resources(tune.with_parameters(train_in_process, static=static), resources)
+    return tune.with_resources(tune.with_parameters(fit_trial, static=static), TRIAL_RESOURCES)
 
 
 def run_search(request: SearchRequest, callbacks: list[Any], failed_before_resume: int = 0) -> FailureBudget:
@@ -364,7 +434,7 @@ def run_search(request: SearchRequest, callbacks: list[Any], failed_before_resum
         "retries_per_trial": request.retries_per_trial,
     }
     budget = FailureBudget(request.max_failed_trials, failed=failed_before_resume)
-    trainable = tune.with_resources(tune.with_parameters(fit_trial, static=static), TRIAL_RESOURCES)
+    trainable = trial_trainable(request, static)
     callbacks = [*callbacks, budget.callback,
                  final_result_recorder(request.tune_run_name, static["train_storage_path"])]
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", EXPERIMENT_STATE_PERIOD_S)

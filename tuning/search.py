@@ -21,6 +21,7 @@ if __package__ in (None, ""):  # run as a script: make the project's packages im
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trainers.registry import TASKS  # noqa: E402
+from tuning.ray_search import TRIAL_RUNNERS  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,6 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers (DDP ranks) per trial")
     parser.add_argument("--cpus-per-worker", type=float, default=1.0)
     parser.add_argument("--gpus-per-worker", type=float, default=0.0)
+    parser.add_argument("--trial-runner", default="auto", choices=TRIAL_RUNNERS,
+                        help="in-process: each trial trains in one reused process (one CPU worker); ray-train: each "
+                             "trial fits a TorchTrainer with its own worker group (several workers, GPUs, clusters). "
+                             "auto (default): in-process for one CPU worker per trial on a local Ray, else ray-train")
     parser.add_argument("--address", help="Ray cluster address, e.g. 'auto' on a cluster head (default: start a local Ray)")
     parser.add_argument("--storage", help="Ray storage: a shared folder or s3://... (default: RESULTS_DIR/ray)")
     parser.add_argument("--tracking-uri", help="MLflow store (default: sqlite:////abs/RESULTS_DIR/mlflow.db)")
