@@ -14,6 +14,34 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+def run_in_process(train_fn, loop_config: dict, run_dir: Path, stop_after_epoch: int | None = None) -> list[dict]:
+    """The epochs one in-process run reports (the search's in-process trial runner, without
+    Tune), figures only. With stop_after_epoch the run dies right after that epoch's report, as
+    a trial does when its process is killed."""
+    from trainers.epoch_loop import InProcessSession
+
+    reports = []
+
+    class Killed(Exception):
+        pass
+
+    def relay(metrics):
+        reports.append({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
+        if stop_after_epoch is not None and metrics["epoch"] == stop_after_epoch:
+            raise Killed
+
+    import torch
+
+    threads = torch.get_num_threads()  # the session sets this process's threads to its CPUs
+    try:
+        train_fn(loop_config, session=InProcessSession(str(run_dir), relay=relay, cpus=1))
+    except Killed:
+        pass
+    finally:
+        torch.set_num_threads(threads)
+    return reports
+
+
 @pytest.fixture(scope="session")
 def small_data_dir(tmp_path_factory) -> Path:
     """A small synthetic dataset in the published format (300 train / 100 test records)."""

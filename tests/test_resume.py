@@ -61,10 +61,11 @@ def _wait_for_a_mid_search_moment(client: MlflowClient, process: subprocess.Pope
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_killed_search_resumes_without_rerunning_or_losing_trials(tmp_path):
+@pytest.mark.parametrize("runner", ["in-process", "ray-train"])
+def test_a_killed_search_resumes_without_rerunning_or_losing_trials(tmp_path, runner):
     results = tmp_path / "results"
     command = [*SEARCH, "--model", "toolrag", "--smoke", "--num-samples", str(NUM_SAMPLES), "--max-concurrent", "2",
-               "--results-dir", str(results)]
+               "--results-dir", str(results), "--trial-runner", runner]
     client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
     with open(tmp_path / "first.log", "w") as log:
         # Its own session, so the kill reaches the driver and the Ray it started, as when the

@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import run_in_process
 from trainers.data import load_dataset_dir
 from trainers.models import resolve_source
 from trainers.batching import length_grouped_batches, pack_sequences
@@ -182,24 +183,31 @@ PINNED_SEED_0 = {
 }
 
 
-def _per_epoch_figures(tmp_path, data_dir, name: str, seed: int) -> list[dict]:
+def _per_epoch_figures(tmp_path, data_dir, name: str, seed: int, in_process: bool = False) -> list[dict]:
+    """A tiny trial's reports: 1 Ray Train worker, or in-process (the two trial runners)."""
     import json
 
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig, UserCallback
     from ray.train.torch import TorchTrainer
 
+    loop_config = {"trainer": _tiny_config(tmp_path / "cache", epochs=3, learning_rate=3e-3, batch_size=16,
+                                           pos_weight=5.0, seed=seed),
+                   "data": _data(data_dir), "data_fingerprint": "pinned"}
+    if in_process:
+        return run_in_process(train_fn_per_worker, loop_config, tmp_path / "storage" / name)
     reports = tmp_path / f"{name}.jsonl"
 
     class Recorder(UserCallback):  # runs in the Train controller: every report, not only the last
         def after_report(self, run_context, metrics, checkpoint):
+            figures = {k: v for k, v in metrics[0].items() if isinstance(v, (int, float))}
+            if checkpoint:  # as the search's TuneReportCallback adds it
+                figures["checkpoint_path"] = checkpoint.path
             with open(reports, "a") as out:
-                out.write(json.dumps({k: v for k, v in metrics[0].items() if isinstance(v, (int, float))}) + "\n")
+                out.write(json.dumps(figures) + "\n")
 
     TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"trainer": _tiny_config(tmp_path / "cache", epochs=3, learning_rate=3e-3, batch_size=16,
-                                                   pos_weight=5.0, seed=seed),
-                           "data": _data(data_dir), "data_fingerprint": "pinned"},
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name=name, storage_path=str(tmp_path / "storage"), callbacks=[Recorder()],
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
@@ -210,11 +218,18 @@ def _per_epoch_figures(tmp_path, data_dir, name: str, seed: int) -> list[dict]:
 @pytest.mark.ray
 def test_a_tiny_trial_is_reproducible_from_its_seed_and_its_figures_are_pinned(ray_2_cpus, small_data_dir, tmp_path):
     first = _per_epoch_figures(tmp_path, small_data_dir, "seed0-a", seed=0)
-    second = _per_epoch_figures(tmp_path, small_data_dir, "seed0-b", seed=0)
-    other = _per_epoch_figures(tmp_path, small_data_dir, "seed1", seed=1)
-    keys = ("train_loss", "tool_recall", "tool_count", "paper_distance")
+    # The same seed again, through the other trial runner: both give the same epochs.
+    second = _per_epoch_figures(tmp_path, small_data_dir, "seed0-b", seed=0, in_process=True)
+    other = _per_epoch_figures(tmp_path, small_data_dir, "seed1", seed=1, in_process=True)
+    keys = ("train_loss", "tool_recall", "tool_count", "tool_precision", "paper_distance", "best_paper_distance",
+            "padding_waste", "world_size")
     assert [e["epoch"] for e in first] == [1, 2, 3]
     assert [[e[k] for k in keys] for e in first] == [[e[k] for k in keys] for e in second], "one seed, one result"
+    # Both keep the best epoch's checkpoint, and only that one.
+    assert [e.get("checkpoint_path") is not None for e in first] == [e.get("checkpoint_path") is not None
+                                                                      for e in second]
+    (in_process_checkpoint,) = (tmp_path / "storage" / "seed0-b").iterdir()
+    assert str(in_process_checkpoint) == [e["checkpoint_path"] for e in second if e.get("checkpoint_path")][-1]
     assert [e["train_loss"] for e in other] != [e["train_loss"] for e in first], "the seed reaches the worker"
     examples = first[0]["eval_examples"]
     torch.testing.assert_close([e["train_loss"] for e in first], PINNED_SEED_0["train_loss"], rtol=1e-4, atol=1e-6)
@@ -230,6 +245,29 @@ def test_a_tiny_trial_is_reproducible_from_its_seed_and_its_figures_are_pinned(r
     again, _ = score_checkpoint(str(checkpoint), _data(small_data_dir)["val"])
     assert again["tool_recall"] == pytest.approx(best["tool_recall"])
     assert again["tool_count"] == pytest.approx(best["tool_count"])
+
+
+def test_an_in_process_run_killed_mid_way_goes_on_from_its_last_checkpoint(small_data_dir, tmp_path):
+    """A retried trial, or one a resumed search starts again, on the in-process runner: it finds
+    the checkpoint the killed run left and trains only the epochs after it."""
+    loop_config = {"trainer": _tiny_config(tmp_path / "cache", epochs=3, learning_rate=3e-3, batch_size=16,
+                                           pos_weight=5.0),
+                   "data": _data(small_data_dir), "data_fingerprint": "resume"}
+    run_dir = tmp_path / "run"
+    killed = run_in_process(train_fn_per_worker, loop_config, run_dir, stop_after_epoch=1)
+    assert [e["epoch"] for e in killed] == [1] and killed[0]["checkpoint_path"]  # epoch 1 is the best so far
+    # A write the kill interrupted is never taken for a checkpoint.
+    (run_dir / ".partial-checkpoint_epoch_0002").mkdir()
+    again = run_in_process(train_fn_per_worker, loop_config, run_dir)
+    assert [e["epoch"] for e in again] == [2, 3]
+    assert all(e["resumed_from_epoch"] == 1 for e in again)
+    # The best distance carried over: epoch 2 is compared with epoch 1's, not with infinity.
+    assert again[0]["best_paper_distance"] == min(killed[0]["paper_distance"], again[0]["paper_distance"])
+    # One checkpoint is kept: the best epoch's (the first to reach the lowest distance).
+    best = min(killed + again, key=lambda e: e["paper_distance"])
+    assert sorted(p.name for p in run_dir.iterdir()) == [f"checkpoint_epoch_{best['epoch']:04d}"]
+    assert [e["checkpoint_path"] for e in killed + again if e.get("checkpoint_path")][-1] == str(
+        run_dir / f"checkpoint_epoch_{best['epoch']:04d}")
 
 
 def test_fixed_token_embeddings_stay_fixed_while_the_rest_learns(tmp_path):

@@ -101,14 +101,17 @@ class InProcessSession(WorkerSession):
         self.filesystem, self.root = fs.FileSystem.from_uri(run_dir)
         self.relay, self.cpus = relay, cpus
 
-    def _complete_checkpoints(self) -> list[str]:
+    def _folders(self, prefix: str) -> list[str]:
         from pyarrow import fs
 
         if self.filesystem.get_file_info(self.root).type == fs.FileType.NotFound:
             return []
         found = self.filesystem.get_file_info(fs.FileSelector(self.root))
         return sorted(info.base_name for info in found
-                      if info.type == fs.FileType.Directory and info.base_name.startswith(IN_PROCESS_CHECKPOINT_PREFIX))
+                      if info.type == fs.FileType.Directory and info.base_name.startswith(prefix))
+
+    def _complete_checkpoints(self) -> list[str]:
+        return self._folders(IN_PROCESS_CHECKPOINT_PREFIX)
 
     def get_checkpoint(self):
         import ray.train
@@ -126,9 +129,10 @@ class InProcessSession(WorkerSession):
             name = f"{IN_PROCESS_CHECKPOINT_PREFIX}{int(metrics[names.EPOCH]):04d}"
             partial = f"{self.root}/{PARTIAL_CHECKPOINT_PREFIX}{name}"
             older = self._complete_checkpoints()
-            for leftover in (partial, f"{self.root}/{name}"):  # from a run killed mid-write
-                if self.filesystem.get_file_info(leftover).type != fs.FileType.NotFound:
-                    self.filesystem.delete_dir(leftover)
+            # Writes a killed run left unfinished, and a folder of this name from before.
+            for leftover in [*self._folders(PARTIAL_CHECKPOINT_PREFIX), name if name in older else None]:
+                if leftover:
+                    self.filesystem.delete_dir(f"{self.root}/{leftover}")
             self.filesystem.create_dir(partial, recursive=True)
             fs.copy_files(checkpoint_dir, partial, destination_filesystem=self.filesystem)
             self.filesystem.move(partial, f"{self.root}/{name}")
