@@ -1,97 +1,99 @@
-"""Per-trial framework overhead, tokenization cache effect and padding waste of a ToolRAG search.
+"""What a trial costs beyond its training, on each trial runner, and how well two lanes are used.
 
-    python bench/trial_overhead.py [--trials 4]
+    python bench/trial_overhead.py [--trials 8] [--epochs 6] [--default-search]
 
-Runs the real CLI twice on the tiny preset, one trial at a time so trials do not compete for
-cores: once with Ray Train's default control-loop settings (the baseline) and once with the
-settings this project uses for a local Ray. For each trial:
+Runs the real CLI (Ray, Tune, MLflow) on the tiny ToolRAG preset with a fixed-cost space: only
+pos_weight is searched (it changes the loss, not the work) and ASHA never stops a trial (its
+grace period is the last epoch), so every trial does the same work. Three searches:
 
-- overhead = trial wall time (driver's view, start to completion) - time inside the
-  training function; the medians of both runs and their ratio are printed;
-- data preparation time of the first trial of each template (cache miss) against later
-  trials of the same template (cache hit);
-- pad tokens as a share of all tokens in training batches (padded to the longest in each
-  batch, batches grouped by length), against padding every input to the preset's
-  max_length and to the paper's 512.
+1. in-process runner, one trial at a time;
+2. ray-train runner (a TorchTrainer and its worker group per trial), one trial at a time;
+3. in-process runner, two trials at once.
+
+Printed, with the ratios measured in this run:
+- per-trial overhead = trial wall time (the driver's view, start to end) - time inside the
+  training function, medians of (1) and (2);
+- trials per hour of (3) against (1), each over the span from the first trial's start to the
+  last trial's end;
+- lane utilisation of (3): Σ time in training / (span × 2).
+
+`--default-search` also runs the default laptop ToolRAG search (`python tuning/search.py --model
+toolrag`) on each runner and prints its end-to-end wall time and lane utilisation (about 15
+minutes more).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from mlflow.tracking import MlflowClient
+import yaml
 
-PROJECT = Path(__file__).resolve().parent.parent
-BASELINE_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from search_runs import PROJECT, Search, median, run_search  # noqa: E402
 
-
-def run_search(root: Path, trials: int, env_overrides: dict[str, str], two_templates: bool) -> list:
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    env = {**os.environ, **env_overrides}
-    command = [sys.executable, "tuning/search.py", "--model", "toolrag", "--smoke", "--num-samples", str(trials),
-               "--max-concurrent", "1", "--results-dir", str(root), "--tracking-uri", uri,
-               "--experiment-name", "bench"]
-    if two_templates:
-        # Two templates among 4+ trials: some trials repeat a template and hit the cache.
-        space = root / "space.yaml"
-        space.write_text((PROJECT / "search_spaces" / "toolrag-smoke.yaml").read_text()
-                         .replace("values: [query, question, instruction]", "values: [query, question]"))
-        command += ["--space", str(space)]
-    completed = subprocess.run(command, cwd=PROJECT, env=env, capture_output=True, text=True)
-    if completed.returncode != 0:
-        sys.exit(f"search failed:\n{completed.stderr[-3000:]}")
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("bench")
-    runs = client.search_runs([experiment.experiment_id], "tags.search = 'trial'")
-    return sorted(runs, key=lambda run: run.info.start_time)
+TINY_PRESET = PROJECT / "search_spaces" / "presets" / "toolrag" / "tiny.yaml"
 
 
-def overheads(runs) -> list[float]:
-    return [r.data.metrics["trial_wall_seconds"] - r.data.metrics["train_fn_seconds"]
-            for r in runs if "train_fn_seconds" in r.data.metrics]
+def fixed_cost_search(root: Path, trials: int, epochs: int, runner: str, concurrent: int) -> Search:
+    root.mkdir(parents=True)
+    preset = yaml.safe_load(TINY_PRESET.read_text())
+    preset["trainer"].update(epochs=epochs, learning_rate=2e-3, batch_size=32, prompt_template="query")
+    preset["search"].update(num_samples=trials, grace_period=epochs)
+    space = {"model": "toolrag", "parameters": {"pos_weight": {"type": "loguniform", "low": 1.0, "high": 150.0}}}
+    (root / "preset.yaml").write_text(yaml.safe_dump(preset))
+    (root / "space.yaml").write_text(yaml.safe_dump(space))
+    return run_search(root, ["--model", "toolrag", "--preset", str(root / "preset.yaml"), "--space",
+                             str(root / "space.yaml"), "--max-concurrent", str(concurrent), "--trial-runner", runner])
+
+
+def rounded(values) -> list[float]:
+    return [round(value, 1) for value in values]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=4)
+    parser.add_argument("--trials", type=int, default=8, help="trials per search (default 8)")
+    parser.add_argument("--epochs", type=int, default=6, help="epochs per trial, all trained (default 6)")
+    parser.add_argument("--default-search", action="store_true",
+                        help="also run the default laptop ToolRAG search on each runner")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as baseline_dir, tempfile.TemporaryDirectory() as tuned_dir:
-        baseline = run_search(Path(baseline_dir), args.trials, BASELINE_ENV, two_templates=False)
-        tuned = run_search(Path(tuned_dir), args.trials, {}, two_templates=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        in_process = fixed_cost_search(root / "in-process-1", args.trials, args.epochs, "in-process", 1)
+        ray_train = fixed_cost_search(root / "ray-train-1", args.trials, args.epochs, "ray-train", 1)
+        two_lanes = fixed_cost_search(root / "in-process-2", args.trials, args.epochs, "in-process", 2)
+        defaults = {}
+        if args.default_search:
+            for runner in ("in-process", "ray-train"):
+                (root / runner).mkdir()
+                defaults[runner] = run_search(root / runner, ["--model", "toolrag", "--trial-runner", runner],
+                                              experiment="default")
 
-    base_overhead, tuned_overhead = statistics.median(overheads(baseline)), statistics.median(overheads(tuned))
-    print(f"per-trial framework overhead (trial wall - training function), median of {args.trials} trials:")
-    print(f"  Ray Train defaults:   {base_overhead:6.1f} s   {[round(x, 1) for x in overheads(baseline)]}")
-    print(f"  this project's local: {tuned_overhead:6.1f} s   {[round(x, 1) for x in overheads(tuned)]}")
-    print(f"  ratio: {tuned_overhead / base_overhead:.2f}")
-
-    seen, misses, hits = set(), [], []
-    for run in tuned:
-        template = run.data.params["prompt_template"]
-        (hits if template in seen else misses).append(run.data.metrics["data_prep_seconds"])
-        seen.add(template)
-    if hits:
-        ratio = statistics.median(hits) / statistics.median(misses)
-        print(f"data preparation (tiny preset: 1,200 train + ~200 validation queries): first trial of a template "
-              f"{statistics.median(misses):.3f} s, "
-              f"later trials {statistics.median(hits):.3f} s, ratio {ratio:.2f}")
-    else:
-        print("data preparation: every trial drew a new template; run with more --trials")
-
-    waste = [run.data.metrics["padding_waste"] for run in tuned + baseline if "padding_waste" in run.data.metrics]
-    max_length = int(tuned[0].data.params["max_length"])
-    mean_tokens = statistics.median(run.data.metrics.get("mean_input_tokens", 0) for run in tuned)
-    print(f"padding waste in training batches (dynamic padding, length-grouped), median over trials: "
-          f"{statistics.median(waste):.1%}")
-    if mean_tokens:
-        print(f"  padding every input to the preset's max_length={max_length}: {1 - mean_tokens / max_length:.1%}")
-        print(f"  padding every input to the paper's 512 tokens: {1 - mean_tokens / 512:.1%}")
+    print(f"tiny ToolRAG, {args.trials} trials x {args.epochs} epochs, same work per trial, 2 cores")
+    fast, slow = median(in_process.overheads()), median(ray_train.overheads())
+    print("per-trial overhead (trial wall - time in the training function), median, one trial at a time:")
+    print(f"  in-process: {fast:5.1f} s   {rounded(in_process.overheads())}")
+    print(f"  ray-train:  {slow:5.1f} s   {rounded(ray_train.overheads())}")
+    print(f"  ratio in-process / ray-train: {fast / slow:.2f}")
+    print(f"  time in training per trial, median: in-process {median(in_process.train_seconds()):.1f} s, "
+          f"ray-train {median(ray_train.train_seconds()):.1f} s")
+    one, two = in_process.trials_per_hour(), two_lanes.trials_per_hour()
+    print(f"trials per hour (in-process): 1 at a time {one:.0f} (span {in_process.span_seconds:.0f} s), "
+          f"2 at a time {two:.0f} (span {two_lanes.span_seconds:.0f} s); ratio {two / one:.2f}")
+    print(f"  ray-train, 1 at a time: {ray_train.trials_per_hour():.0f} (span {ray_train.span_seconds:.0f} s)")
+    print(f"lane utilisation, 2 at a time, in-process: {two_lanes.lane_utilisation(2):.2f} "
+          f"(1 at a time: in-process {in_process.lane_utilisation(1):.2f}, ray-train {ray_train.lane_utilisation(1):.2f})")
+    for runner, search in defaults.items():
+        print(f"default laptop ToolRAG search, {runner}: {search.wall_seconds:.0f} s end to end, "
+              f"{len(search.trials)} trials over {search.span_seconds:.0f} s, lane utilisation "
+              f"{search.lane_utilisation(2):.2f}, overhead per trial {median(search.overheads()):.1f} s, "
+              f"best validation distance {search.best():.2f}")
+    if len(defaults) == 2:
+        print(f"  ratio of end-to-end times in-process / ray-train: "
+              f"{defaults['in-process'].wall_seconds / defaults['ray-train'].wall_seconds:.2f}")
 
 
 if __name__ == "__main__":
