@@ -442,3 +442,38 @@ def test_a_preset_chooses_its_model_family():
     assert load_preset("toolrag", "linear")[1] is MODELS["toolrag-linear"]
     assert load_preset("toolrag", "local")[1] is MODELS["toolrag"]
     assert "linear" in config.shipped_presets("toolrag") and "linear" not in config.shipped_presets("planner")
+
+
+def test_auto_runs_trials_in_process_only_for_one_cpu_worker_on_a_local_ray():
+    from tuning.ray_search import resolve_trial_runner
+
+    assert resolve_trial_runner("auto", workers=1, gpus_per_worker=0, address=None) == "in-process"
+    assert resolve_trial_runner("auto", workers=2, gpus_per_worker=0, address=None) == "ray-train"
+    assert resolve_trial_runner("auto", workers=1, gpus_per_worker=1, address=None) == "ray-train"
+    assert resolve_trial_runner("auto", workers=1, gpus_per_worker=0, address="auto") == "ray-train"
+    # Asked for by name, either runner is kept where it can run...
+    assert resolve_trial_runner("ray-train", workers=1, gpus_per_worker=0, address=None) == "ray-train"
+    assert resolve_trial_runner("in-process", workers=1, gpus_per_worker=0, address="auto") == "in-process"
+    # ...and in-process is refused where a trial needs more than one CPU worker.
+    with pytest.raises(ValueError, match="one CPU worker"):
+        resolve_trial_runner("in-process", workers=2, gpus_per_worker=0, address=None)
+
+
+@pytest.mark.parametrize("sampler, early_stopping", [("tpe", True), ("random", False)])
+def test_the_presets_sampler_and_early_stopping_reach_the_tuner(sampler, early_stopping):
+    import optuna
+    from ray.tune.schedulers import ASHAScheduler
+
+    from tuning.ray_search import FailureBudget, SearchRequest, _new_tuner
+
+    request = SearchRequest(
+        model="toolrag-linear", tune_run_name="t", storage_path="/tmp/unused", trainer_base={"epochs": 1},
+        param_space={"C": {"type": "loguniform", "low": 0.1, "high": 1.0}}, warm_start=[], data={},
+        data_fingerprint="f", num_samples=2, max_concurrent=1, workers_per_trial=1, cpus_per_worker=1,
+        gpus_per_worker=0, seed=3, objective="distance", grace_period=1, reduction_factor=2, time_budget_s=None,
+        address=None, sampler=sampler, early_stopping=early_stopping)
+    tune_config = _new_tuner(request, lambda config: None, [], FailureBudget(None))._local_tuner._tune_config
+    expected = optuna.samplers.TPESampler if sampler == "tpe" else optuna.samplers.RandomSampler
+    assert type(tune_config.search_alg._sampler) is expected
+    assert isinstance(tune_config.scheduler, ASHAScheduler) is early_stopping
+    assert early_stopping or tune_config.scheduler is None

@@ -19,8 +19,11 @@ def smoke_search(ray_2_cpus, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("smoke")
     uri = f"sqlite:///{root / 'mlflow.db'}"
+    # Ray Train's runner, as on a cluster: the placement-group and MLflow checks below cover it,
+    # and the soak search covers the in-process runner, the laptop default.
     args = parse_args(["--model", "toolrag", "--smoke", "--num-samples", "5", "--results-dir", str(root),
-                       "--tracking-uri", uri, "--storage", str(root / "storage"), "--experiment-name", "smoke"])
+                       "--tracking-uri", uri, "--storage", str(root / "storage"), "--experiment-name", "smoke",
+                       "--trial-runner", "ray-train"])
     exit_code = execute(prepare(args))
     return {"exit_code": exit_code, "uri": uri, "root": root}
 
@@ -363,7 +366,8 @@ def test_the_linear_baseline_runs_as_a_search_recorded_like_the_transformer(smok
 
 @pytest.fixture(scope="module")
 def soak_search(ray_2_cpus, tmp_path_factory):
-    """30 tiny trials with early stopping, on the test's Ray, so leaks can be counted after."""
+    """30 tiny trials with early stopping, on the test's Ray, so leaks can be counted after; the
+    laptop default's in-process runner, whose processes Tune reuses from trial to trial."""
     from tuning.orchestrator import execute, prepare
     from tuning.search import parse_args
 

@@ -129,6 +129,11 @@ class SearchSettings(Strict):
     time_budget_s: float | None = Field(None, gt=0)
     grace_period: int = Field(1, ge=1)
     reduction_factor: int = Field(2, ge=2)
+    # tpe: Optuna's TPE, seeded (the default); random: proposals that ignore earlier results.
+    sampler: Literal["tpe", "random"] = "tpe"
+    # ASHA stops trials whose early epochs rank badly (grace_period, reduction_factor); off,
+    # every trial trains all its epochs.
+    early_stopping: bool = True
 
 
 class SyntheticData(Strict):

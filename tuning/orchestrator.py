@@ -334,6 +334,8 @@ def _parent_params(args: argparse.Namespace, inputs: Inputs, request: SearchRequ
         "preset": inputs.preset_name, "objective": request.objective,
         "num_samples": request.num_samples, "seed": request.seed, "workers_per_trial": request.workers_per_trial,
         "max_failed_trials": request.max_failed_trials, "trial_runner": request.trial_runner,
+        "sampler": request.sampler, "early_stopping": request.early_stopping,
+        "grace_period": request.grace_period, "reduction_factor": request.reduction_factor,
         "cpus_per_worker": request.cpus_per_worker, "gpus_per_worker": request.gpus_per_worker,
         "data_source": dataset.source, "data_fingerprint": dataset.fingerprint,
         "train_examples": len(dataset.train), "test_examples": len(dataset.test),
@@ -366,6 +368,7 @@ def plan_search(args: argparse.Namespace, locations: Locations, inputs: Inputs) 
         workers_per_trial=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker,
         gpus_per_worker=args.gpus_per_worker, seed=args.seed, objective=args.objective,
         grace_period=preset.search.grace_period, reduction_factor=preset.search.reduction_factor,
+        sampler=preset.search.sampler, early_stopping=preset.search.early_stopping,
         time_budget_s=args.time_budget_s if args.time_budget_s is not None else preset.search.time_budget_s,
         address=args.address, max_failed_trials=args.max_failed_trials,
         # On the local Ray no node is lost, and a restart would only race the teardown of a

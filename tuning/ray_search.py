@@ -81,6 +81,9 @@ class SearchRequest:
     verbose: bool = False
     # "in-process" or "ray-train", resolved by `resolve_trial_runner`.
     trial_runner: str = "ray-train"
+    # "tpe" or "random"; without early stopping every trial trains all its epochs.
+    sampler: str = "tpe"
+    early_stopping: bool = True
 
 
 def resolve_trial_runner(choice: str, workers: int, gpus_per_worker: float, address: str | None) -> str:
@@ -357,14 +360,20 @@ def _new_tuner(request: SearchRequest, trainable, callbacks: list[Any], budget: 
 
     spec = MODELS[request.model]
     metric, mode = objective_setup(request.objective, spec.pareto)
-    sampler = (optuna.samplers.TPESampler(seed=request.seed) if request.objective != "pareto"
-               else optuna.samplers.TPESampler(seed=request.seed, multivariate=False))
+    if request.sampler == "random":
+        sampler = optuna.samplers.RandomSampler(seed=request.seed)
+    elif request.objective == "pareto":
+        sampler = optuna.samplers.TPESampler(seed=request.seed, multivariate=False)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=request.seed)
     searcher = OptunaSearch(metric=metric, mode=mode, points_to_evaluate=request.warm_start or None, sampler=sampler)
     # ASHA needs one scalar, lower is better: the model's own (the distance to the paper, best
     # epoch so far; for the planner with a tie-break, see trainers/planner.py), in both modes.
-    scheduler = ASHAScheduler(time_attr="training_iteration", metric=spec.scheduler_metric, mode="min",
-                              max_t=max_epochs(request.trainer_base, request.param_space),
-                              grace_period=request.grace_period, reduction_factor=request.reduction_factor)
+    scheduler = None
+    if request.early_stopping:
+        scheduler = ASHAScheduler(time_attr="training_iteration", metric=spec.scheduler_metric, mode="min",
+                                  max_t=max_epochs(request.trainer_base, request.param_space),
+                                  grace_period=request.grace_period, reduction_factor=request.reduction_factor)
     max_concurrent = request.max_concurrent or default_concurrency(request)
     print(f"[search] {request.num_samples} trials, up to {max_concurrent} at once, "
           f"{request.workers_per_trial} worker(s) x {request.cpus_per_worker} CPU"
