@@ -43,6 +43,12 @@ class Search:
     def trials_per_hour(self) -> float:
         return len(self.trials) * 3600 / self.span_seconds
 
+    def warm_trials_per_hour(self, lanes: int) -> float:
+        """Trials per hour once each lane's first trial (a new process importing torch while
+        Ray and the driver start up) has ended: the trials ending after the lanes-th end."""
+        ends = sorted(r.info.end_time for r in self.trials)
+        return (len(ends) - lanes) * 3600 / ((ends[-1] - ends[lanes - 1]) / 1000)
+
     def best(self, metric: str = "best_paper_distance") -> float:
         return min(r.data.metrics.get(metric, float("inf")) for r in self.trials)
 

@@ -14,7 +14,7 @@ Printed, with the ratios measured in this run:
 - per-trial overhead = trial wall time (the driver's view, start to end) - time inside the
   training function, medians of (1) and (2);
 - trials per hour of (3) against (1), each over the span from the first trial's start to the
-  last trial's end;
+  last trial's end, and again once each lane's first trial has ended (its cold start);
 - lane utilisation of (3): Σ time in training / (span × 2).
 
 `--default-search` also runs the default laptop ToolRAG search (`python tuning/search.py --model
@@ -83,6 +83,9 @@ def main() -> None:
     one, two = in_process.trials_per_hour(), two_lanes.trials_per_hour()
     print(f"trials per hour (in-process): 1 at a time {one:.0f} (span {in_process.span_seconds:.0f} s), "
           f"2 at a time {two:.0f} (span {two_lanes.span_seconds:.0f} s); ratio {two / one:.2f}")
+    warm_one, warm_two = in_process.warm_trials_per_hour(1), two_lanes.warm_trials_per_hour(2)
+    print(f"  after each lane's first trial (its process start, with Ray's and the driver's): 1 at a time "
+          f"{warm_one:.0f}, 2 at a time {warm_two:.0f}; ratio {warm_two / warm_one:.2f}")
     print(f"  ray-train, 1 at a time: {ray_train.trials_per_hour():.0f} (span {ray_train.span_seconds:.0f} s)")
     print(f"lane utilisation, 2 at a time, in-process: {two_lanes.lane_utilisation(2):.2f} "
           f"(1 at a time: in-process {in_process.lane_utilisation(1):.2f}, ray-train {ray_train.lane_utilisation(1):.2f})")
