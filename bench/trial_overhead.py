@@ -15,7 +15,9 @@ Printed, with the ratios measured in this run:
   training function, medians of (1) and (2);
 - trials per hour of (3) against (1), each over the span from the first trial's start to the
   last trial's end, and again once each lane's first trial has ended (its cold start);
-- lane utilisation of (3): Σ time in training / (span × 2).
+- lane utilisation of (3): Σ time in training / (span × 2);
+- data preparation of the first trial (tokenizing, a cache miss) against later ones (cache
+  hits), and the share of pad tokens in training batches against fixed-length padding.
 
 `--default-search` also runs the default laptop ToolRAG search (`python tuning/search.py --model
 toolrag`) on each runner and prints its end-to-end wall time and lane utilisation (about 15
@@ -89,6 +91,15 @@ def main() -> None:
     print(f"  ray-train, 1 at a time: {ray_train.trials_per_hour():.0f} (span {ray_train.span_seconds:.0f} s)")
     print(f"lane utilisation, 2 at a time, in-process: {two_lanes.lane_utilisation(2):.2f} "
           f"(1 at a time: in-process {in_process.lane_utilisation(1):.2f}, ray-train {ray_train.lane_utilisation(1):.2f})")
+    cold, *warm = [run.data.metrics["data_prep_seconds"] for run in in_process.trials]
+    print(f"data preparation (1,200 train + ~200 validation queries, one template): first trial {cold:.2f} s "
+          f"(tokenizes, fills the cache), later trials median {median(warm):.2f} s; ratio {median(warm) / cold:.2f}")
+    waste = median(run.data.metrics["padding_waste"] for run in in_process.trials)
+    tokens = median(run.data.metrics["mean_input_tokens"] for run in in_process.trials)
+    max_length = int(in_process.trials[0].data.params["max_length"])
+    print(f"padding waste in training batches (padded to the longest, length-grouped), median: {waste:.1%}; "
+          f"padding every input to the preset's {max_length} tokens: {1 - tokens / max_length:.1%}, "
+          f"to the paper's 512: {1 - tokens / 512:.1%}")
     for runner, search in defaults.items():
         print(f"default laptop ToolRAG search, {runner}: {search.wall_seconds:.0f} s end to end, "
               f"{len(search.trials)} trials over {search.span_seconds:.0f} s, lane utilisation "
