@@ -223,9 +223,16 @@ def test_trials_run_on_the_only_node_that_holds_their_request(cluster, tmp_path,
     big = head_cluster.add_node(num_cpus=2)
     head_cluster.wait_for_nodes()
     prepared = _search_on(head_cluster.address, tmp_path, 2, 2, "--cpus-per-worker", "2")
+    # 4 CPUs in all, but only one node holds a 2-CPU worker: one trial at a time, not two whose
+    # second waits for a worker group that cannot start.
+    from tuning.ray_search import default_concurrency
+
+    assert default_concurrency(prepared.request) == 1
     runner, outcome = _in_background(prepared)
     nodes_seen: set[str] = set()
+    deadline = time.time() + 600
     while runner.is_alive():
+        assert time.time() < deadline, "the search did not end within 10 minutes"
         alive = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
         nodes_seen.update(actor.node_id for actor in alive)
         time.sleep(0.3)

@@ -119,3 +119,55 @@ def test_a_killed_search_resumes_without_rerunning_or_losing_trials(tmp_path, ru
     assert "interrupted trials continued; 0 were lost." in resumed.stdout
     print(f"\n[resume] {len(ended_before)} trials had ended before the kill (re-run after resume: 0), "
           f"{len(interrupted)} interrupted (resumed after epoch {resumed_at}), lost: {len(lost)}")
+
+
+def _trial_processes() -> list[int]:
+    """Ray worker processes running an in-process trial (Tune's function trainable)."""
+    listing = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return [int(line.split(None, 1)[0]) for line in listing.splitlines()
+            if len(line.split(None, 1)) == 2 and line.split(None, 1)[1].startswith("ray::ImplicitFunc")]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_an_in_process_trial_whose_process_dies_is_retried_from_its_checkpoint(tmp_path):
+    """The in-process runner's retries: the trial's process is killed (as the kernel's OOM killer
+    would) after two epochs; Tune starts the trial again, which goes on from its checkpoint."""
+    import yaml
+
+    preset = yaml.safe_load((PROJECT / "search_spaces" / "presets" / "toolrag" / "tiny.yaml").read_text())
+    preset["trainer"]["epochs"] = 8
+    preset["search"].update(num_samples=1, grace_period=8)
+    (tmp_path / "long.yaml").write_text(yaml.safe_dump(preset))
+    results = tmp_path / "results"
+    command = [*SEARCH, "--model", "toolrag", "--preset", str(tmp_path / "long.yaml"), "--retries-per-trial", "1",
+               "--trial-runner", "in-process", "--results-dir", str(results), "--experiment-name", EXPERIMENT]
+    client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
+    search = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    try:
+        killed = None
+        deadline = time.time() + 300
+        while killed is None and time.time() < deadline:
+            assert search.poll() is None, "the search ended before its trial could be killed"
+            trials = _snapshot(client) if (results / "mlflow.db").exists() else {}
+            if any(t["epochs"] >= 2 for t in trials.values()):
+                (killed,) = _trial_processes()
+                os.kill(killed, signal.SIGKILL)
+            time.sleep(0.3)
+        assert killed is not None, "the trial never reached its second epoch"
+        output, _ = search.communicate(timeout=600)
+    finally:
+        if search.poll() is None:
+            os.killpg(search.pid, signal.SIGKILL)
+    assert search.returncode == 0, output[-3000:]
+    ((trial_id, trial),) = _snapshot(client).items()
+    assert trial["status"] == "FINISHED"
+    assert trial["tags"]["retried"] == "true" and int(trial["tags"]["resumed_from_epoch"]) >= 1
+    steps = [point.step for point in client.get_metric_history(trial["run_id"], "paper_distance")]
+    resumed_from = int(trial["tags"]["resumed_from_epoch"])
+    # Every epoch reported; after the restart only those past the checkpoint were trained again.
+    assert set(steps) == set(range(1, 9)) and all(steps.count(epoch) == 1 for epoch in range(1, resumed_from + 1))
+    assert client.get_run(trial["run_id"]).data.metrics["epochs_completed"] == 8
+    print(f"\n[retry] trial {trial_id}: process killed after epoch 2+, resumed after epoch "
+          f"{trial['tags']['resumed_from_epoch']}, finished 8 epochs")

@@ -306,15 +306,19 @@ def wait_for_placement_groups(timeout_s: float = PLACEMENT_GROUP_WAIT_S) -> int:
 
 
 def default_concurrency(request: SearchRequest) -> int:
-    """As many trials at once as the cluster's CPUs (and GPUs) hold right now."""
+    """As many trials at once as the cluster's nodes hold right now, counted in whole workers per
+    node: a worker cannot span nodes, so 4 CPUs on nodes of 1, 1 and 2 hold one 2-CPU worker,
+    not two. A trial beyond that would wait for its worker group, time out after a minute and
+    retry, and Train can then leave a placement group behind that starves the next trial."""
     import ray
 
-    resources = ray.cluster_resources()
-    per_trial_cpus = request.workers_per_trial * request.cpus_per_worker
-    limit = int(resources.get("CPU", 1) // per_trial_cpus)
-    if request.gpus_per_worker:
-        limit = min(limit, int(resources.get("GPU", 0) // (request.workers_per_trial * request.gpus_per_worker)))
-    return max(1, limit)
+    def fits(resources: dict[str, float], needed: float, resource: str) -> int:
+        return int(resources.get(resource, 0) // needed) if needed else 10**6
+
+    workers = sum(min(fits(node["Resources"], request.cpus_per_worker, "CPU"),
+                      fits(node["Resources"], request.gpus_per_worker, "GPU"))
+                  for node in ray.nodes() if node.get("Alive"))
+    return max(1, workers // request.workers_per_trial)
 
 
 class FailureBudget:
