@@ -41,6 +41,7 @@ TRIAL_RESOURCES = {"cpu": 0, "memory": 64 * 1024 * 1024, "node:__internal_head__
 PLACEMENT_GROUP_WAIT_S = 30.0
 # Where `ray up` leaves the autoscaler's config on the head node.
 AUTOSCALING_CONFIG = Path("~/ray_bootstrap_config.yaml")
+# How a trial trains (see the module's docstring and `resolve_trial_runner`).
 TRIAL_RUNNERS = ("auto", "in-process", "ray-train")
 # Tune saves the search's state (trials, searcher) at most every 10 s by default; whatever
 # happened since is unknown to `--resume` after a crash. The state is small, so save often.
@@ -308,8 +309,9 @@ def wait_for_placement_groups(timeout_s: float = PLACEMENT_GROUP_WAIT_S) -> int:
 def default_concurrency(request: SearchRequest) -> int:
     """As many trials at once as the cluster's nodes hold right now, counted in whole workers per
     node: a worker cannot span nodes, so 4 CPUs on nodes of 1, 1 and 2 hold one 2-CPU worker,
-    not two. A trial beyond that would wait for its worker group, time out after a minute and
-    retry, and Train can then leave a placement group behind that starves the next trial."""
+    not two. A trial beyond that waits for its worker group, times out after a minute and
+    retries; in a test here such a retry left a placement group behind that starved the next
+    trial for good."""
     import ray
 
     def fits(resources: dict[str, float], needed: float, resource: str) -> int:
