@@ -155,21 +155,49 @@ def _preset_outside_space(tmp: Path) -> Path:
     return path
 
 
+def _search_cli(argv: list[str], capfd) -> tuple[int, str, str]:
+    """`python tuning/search.py ARGV` as its `main` runs it, in this process (no interpreter to
+    start, nothing to import again): (exit code, stdout, stderr), captured at the descriptors."""
+    from tuning.search import main
+
+    try:
+        code = main(argv)
+    except SystemExit as stop:  # argparse's own errors
+        code = stop.code
+    captured = capfd.readouterr()
+    return code, captured.out, captured.err
+
+
+def _one_error_line(code: int, stderr: str, expected: str) -> None:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    assert expected in lines[-1], lines
+    # argparse prints usage before its error line; our own errors are a single line.
+    assert len(lines) == 1 or lines[0].startswith("usage:"), lines
+
+
 @pytest.mark.parametrize("case", CASE_NAMES)
-def test_bad_input_gives_one_line_and_exit_2_and_writes_nothing(case, tmp_path):
+def test_bad_input_gives_one_line_and_exit_2_and_writes_nothing(case, tmp_path, capfd):
+    extra, expected = _cases(tmp_path)[case]
+    results = tmp_path / "results"
+    code, _, stderr = _search_cli(["--model", "toolrag", "--results-dir", str(results), *extra], capfd)
+    _one_error_line(code, stderr, expected)
+    assert not results.exists(), "a rejected search must not leave a results directory"
+
+
+@pytest.mark.parametrize("case", ["unknown preset", "data unknown tool", "hub model offline"])
+def test_the_command_itself_prints_only_that_line(case, tmp_path):
+    """The same through a new interpreter, as a user runs it: nothing the imports or the
+    libraries print reaches stderr beside the error line."""
     extra, expected = _cases(tmp_path)[case]
     results = tmp_path / "results"
     completed = subprocess.run(
         [sys.executable, "tuning/search.py", "--model", "toolrag", "--results-dir", str(results), *extra],
         cwd=PROJECT, capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
-    assert completed.returncode == 2, completed.stderr
-    lines = [line for line in completed.stderr.splitlines() if line.strip()]
-    assert "Traceback" not in completed.stderr
-    assert expected in lines[-1], lines
-    # argparse prints usage before its error line; our own errors are a single line.
-    assert len(lines) == 1 or lines[0].startswith("usage:"), lines
-    assert not results.exists(), "a rejected search must not leave a results directory"
+    _one_error_line(completed.returncode, completed.stderr, expected)
+    assert not results.exists()
 
 
 def test_an_existing_store_file_is_writable_but_a_file_as_a_folder_is_not(tmp_path):
@@ -225,7 +253,8 @@ RESUME_CASES = {
 
 
 @pytest.mark.parametrize("case", list(RESUME_CASES))
-def test_a_search_that_cannot_be_resumed_is_refused_before_anything_changes(case, interrupted_search, tmp_path):
+def test_a_search_that_cannot_be_resumed_is_refused_before_anything_changes(case, interrupted_search, tmp_path,
+                                                                           capfd):
     results, args = interrupted_search
     client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
     (parent,) = client.search_runs([client.get_experiment_by_name("tinyagent-toolrag-tiny").experiment_id])
@@ -241,13 +270,12 @@ def test_a_search_that_cannot_be_resumed_is_refused_before_anything_changes(case
     extra = [str(tmp_path / "other") if a == "OTHER" else a for a in extra]
     before = client.get_run(parent.info.run_id)
     try:
-        completed = subprocess.run([sys.executable, "tuning/search.py", *args, *extra, "--resume"], cwd=PROJECT,
-                                   capture_output=True, text=True, timeout=120)
+        code, _, stderr = _search_cli([*args, *extra, "--resume"], capfd)
     finally:
         if sleeper is not None:
             sleeper.kill()
-    lines = [line for line in completed.stderr.splitlines() if line.strip()]
-    assert completed.returncode == 2 and "Traceback" not in completed.stderr, completed.stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 2 and "Traceback" not in stderr, stderr
     assert len(lines) == 1 and expected in lines[0], lines
     after = client.get_run(parent.info.run_id)
     assert (after.info.status, after.data.tags) == (before.info.status, before.data.tags)
