@@ -47,6 +47,8 @@ class Search:
         """Trials per hour once each lane's first trial (a new process importing torch while
         Ray and the driver start up) has ended: the trials ending after the lanes-th end."""
         ends = sorted(r.info.end_time for r in self.trials)
+        if len(ends) <= lanes:  # no trial ran on a warm lane
+            return float("nan")
         return (len(ends) - lanes) * 3600 / ((ends[-1] - ends[lanes - 1]) / 1000)
 
     def best(self, metric: str = "best_paper_distance") -> float:
