@@ -163,17 +163,27 @@ class Evaluation:
 
 
 class EpochTrainer:
-    """What a model supplies to `run_epochs`. The worker's rank, world size and device are set
+    """What a model supplies to `run_epochs`. The worker's rank, world size and device come from its session, set
     before any hook runs; `optimizer` and `scheduler` (left None by a model fitted in one pass)
     are checkpointed and restored by the loop."""
 
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
     optimizer: Any = None
     scheduler: Any = None
-    # Where the loop runs; `build` places the model through it (DDP across Train ranks).
+    # Where the loop runs (rank, world size, device); `build` places the model through it
+    # (DDP across Train ranks).
     session: WorkerSession = WorkerSession()
+
+    @property
+    def rank(self) -> int:
+        return self.session.rank
+
+    @property
+    def world(self) -> int:
+        return self.session.world
+
+    @property
+    def device(self) -> torch.device:
+        return self.session.device
 
     def __init__(self, config):
         self.config = config  # needs `epochs` and `seed`
@@ -305,7 +315,6 @@ def run_epochs(trainer: EpochTrainer, loop_config: dict[str, Any], session: Work
     cpu_started = time.process_time()
     session = session or RayTrainSession()
     trainer.session = session
-    trainer.rank, trainer.world, trainer.device = session.rank, session.world, session.device
     # Ray does not set torch's thread count in its workers: left alone, torch starts one
     # thread per core in every worker, and two trials on two cores fight over four threads.
     torch.set_num_threads(max(1, int(session.cpus)))

@@ -125,26 +125,38 @@ def train_run_name(tune_run_name: str, trial_id: str) -> str:
     return f"{tune_run_name}-{trial_id}"
 
 
-def fit_trial(config: dict[str, Any], static: dict[str, Any]) -> None:
-    """The Tune trainable: one trial = one TorchTrainer fit with this config."""
+def _trial_run(config: dict[str, Any], static: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """(the trial's Train run name, its loop config), or None when the trial had already ended.
+
+    The driver may stop after a trial ended but before Tune saved that; the resumed search then
+    restarts it. It reports the result it ended with instead of training again.
+    """
     from ray import tune
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from tuning.resume import read_final_result
 
     run_name = train_run_name(static["tune_run_name"], tune.get_context().get_trial_id())
     final = read_final_result(static["train_storage_path"], run_name)
     if final is not None:
-        # The driver stopped after this trial ended but before Tune saved that; the resumed
-        # search restarts it. Report the result it ended with instead of training again.
         tune.report({**final, "replayed_final_result": 1})
+        return None
+    return run_name, {"trainer": {**static["trainer_base"], **config}, "data": static["data_ref"],
+                      "data_fingerprint": static["data_fingerprint"]}
+
+
+def fit_trial(config: dict[str, Any], static: dict[str, Any]) -> None:
+    """The Tune trainable of the ray-train runner: one trial = one TorchTrainer fit with this config."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial = _trial_run(config, static)
+    if trial is None:
         return
+    run_name, loop_config = trial
     trainer = TorchTrainer(
         static["train_fn_per_worker"],
-        train_loop_config={"trainer": {**static["trainer_base"], **config}, "data": static["data_ref"],
-                           "data_fingerprint": static["data_fingerprint"]},
+        train_loop_config=loop_config,
         scaling_config=scaling_config(static["workers_per_trial"], static["cpus_per_worker"], static["gpus_per_worker"]),
         run_config=RunConfig(
             name=run_name,
@@ -169,19 +181,14 @@ def train_in_process(config: dict[str, Any], static: dict[str, Any]) -> None:
     from ray import tune
 
     from trainers.epoch_loop import InProcessSession
-    from tuning.resume import read_final_result
 
-    run_name = train_run_name(static["tune_run_name"], tune.get_context().get_trial_id())
-    final = read_final_result(static["train_storage_path"], run_name)
-    if final is not None:  # as in fit_trial
-        tune.report({**final, "replayed_final_result": 1})
+    trial = _trial_run(config, static)
+    if trial is None:
         return
+    run_name, loop_config = trial
     session = InProcessSession(storage_join(static["train_storage_path"], run_name), relay=tune.report,
                                cpus=static["cpus_per_worker"])
-    static["train_fn_per_worker"](
-        {"trainer": {**static["trainer_base"], **config}, "data": static["data_ref"],
-         "data_fingerprint": static["data_fingerprint"]},
-        session=session)
+    static["train_fn_per_worker"](loop_config, session=session)
 
 
 def _tune_space(param_space: dict[str, dict[str, Any]]) -> dict[str, Any]:
