@@ -54,6 +54,32 @@ def mcnemar_exact(first: list[bool], second: list[bool]) -> dict[str, float]:
             "p_value": float(result.pvalue)}
 
 
+def paired_difference_interval(first: list[bool], second: list[bool], z: float = Z_95) -> tuple[float, float, float]:
+    """(difference of the two success rates, 95% interval) for outcomes on the same examples:
+    Newcombe's hybrid score interval for paired proportions (his method 10, Statistics in
+    Medicine 1998), built from each rate's Wilson interval and the outcomes' correlation. Unlike
+    the Wald interval it stays inside [-1, 1] and is not symmetric where the rates are near 0
+    or 1. With no discordant pair at all it is [0, 0], as the method's correlation term is 1."""
+    if len(first) != len(second):
+        raise ValueError(f"paired outcomes differ in length: {len(first)} and {len(second)}")
+    n = len(first)
+    if n == 0:
+        return 0.0, -1.0, 1.0
+    both = sum(a and b for a, b in zip(first, second))
+    first_only = sum(a and not b for a, b in zip(first, second))
+    second_only = sum(b and not a for a, b in zip(first, second))
+    neither = n - both - first_only - second_only
+    p1, p2 = (both + first_only) / n, (both + second_only) / n
+    low1, high1 = wilson_interval(both + first_only, n, z)
+    low2, high2 = wilson_interval(both + second_only, n, z)
+    margins = (both + first_only) * (second_only + neither) * (both + second_only) * (first_only + neither)
+    phi = (both * neither - first_only * second_only) / math.sqrt(margins) if margins else 0.0
+    difference = p1 - p2
+    below = math.sqrt(max((p1 - low1) ** 2 - 2 * phi * (p1 - low1) * (high2 - p2) + (high2 - p2) ** 2, 0.0))
+    above = math.sqrt(max((high1 - p1) ** 2 - 2 * phi * (high1 - p1) * (p2 - low2) + (p2 - low2) ** 2, 0.0))
+    return difference, max(-1.0, difference - below), min(1.0, difference + above)
+
+
 def mean_interval(total: float, total_of_squares: float, count: float, z: float = Z_95) -> tuple[float, float]:
     """Normal-approximation 95% interval of a mean from its sums (n is in the thousands)."""
     if count <= 0:
@@ -88,6 +114,8 @@ class ToolRetrievalCounts:
     """Sums over examples; add them across workers, then call `metrics`."""
 
     sums: torch.Tensor  # [examples, recall_hits, tool_count, tool_count_sq, tp[16], fp[16], fn[16], gold_count]
+    # When a list: each example's recall hit (1 = every needed tool retrieved), in update order.
+    hits: list[int] | None = None
 
     @classmethod
     def zeros(cls) -> "ToolRetrievalCounts":
@@ -107,6 +135,8 @@ class ToolRetrievalCounts:
         self.sums[4 + NUM_TOOLS : 4 + 2 * NUM_TOOLS] += (predicted * (1 - gold)).sum(dim=0)
         self.sums[4 + 2 * NUM_TOOLS : 4 + 3 * NUM_TOOLS] += ((1 - predicted) * gold).sum(dim=0)
         self.sums[4 + 3 * NUM_TOOLS] += gold.sum()
+        if self.hits is not None:
+            self.hits.extend(int(hit) for hit in (~missed).tolist())
 
     def metrics(self) -> dict[str, float]:
         n, hits, count_sum, count_sq = (float(v) for v in self.sums[:4])

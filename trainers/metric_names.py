@@ -13,6 +13,9 @@ BEST_PAPER_DISTANCE = "best_paper_distance"
 BEST_EARLY_STOP_SCORE = "best_early_stop_score"
 
 EPOCH = "epoch"
+# In a checkpoint's held-out score only: each example's outcome (1 = success: every needed tool
+# retrieved, or the plan right), in split order, for paired comparisons between trials.
+PER_EXAMPLE_SUCCESS = "per_example_success"
 EVAL_EXAMPLES = "eval_examples"
 # 1.0 when a report scores the whole validation split (every ToolRAG epoch; a planner trial's
 # last), 0.0 when it scores the per-epoch subset.

@@ -236,11 +236,13 @@ def plan_metrics(sums: torch.Tensor) -> dict[str, float]:
     }
 
 
-def evaluate(model, tokenizer, examples: list[dict[str, Any]], config: PlannerConfig, device, rank: int, world: int):
+def evaluate(model, tokenizer, examples: list[dict[str, Any]], config: PlannerConfig, device, rank: int, world: int,
+             per_example: bool = False):
     """Generate and score this worker's slice of `examples`; returns (whole-set metrics, samples).
 
     Samples are rank 0's first few (prompt question, generated plan, target, success). The
-    metrics include `prompts_cut`: how many prompts lost their beginning to max_length.
+    metrics include `prompts_cut`: how many prompts lost their beginning to max_length, and with
+    per_example (one worker only) each plan's success under PER_EXAMPLE_SUCCESS.
     """
     mine = examples[rank::world]
     built = [prompt_token_ids(tokenizer, planner_messages(e["messages"], config.system_prompt),
@@ -257,7 +259,10 @@ def evaluate(model, tokenizer, examples: list[dict[str, Any]], config: PlannerCo
     samples = [{"question": next((c for r, c in e["messages"] if r == "user"), ""), "generated": text,
                 "target": e["plan"] + END_OF_PLAN, "plan_success": plan_success(text, e["plan"])}
                for e, text in list(zip(mine, predicted))[: config.sample_plans]]
-    return {**plan_metrics(sums), names.PROMPTS_CUT: prompts_cut}, samples
+    metrics = {**plan_metrics(sums), names.PROMPTS_CUT: prompts_cut}
+    if per_example:
+        metrics[names.PER_EXAMPLE_SUCCESS] = [int(plan_success(text, target)) for text, target in zip(predicted, targets)]
+    return metrics, samples
 
 
 def lora_state(model) -> dict[str, torch.Tensor]:
@@ -418,13 +423,13 @@ def score_checkpoint(directory: str, split: list[dict[str, Any]], device: torch.
                      max_examples: int | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """A trial's checkpoint scored on held-out examples (the test split, once per trial, after
     the search): (metrics, sample plans). Metrics are `plan_metrics` plus `paper_distance` from
-    the checkpoint's own paper target; `max_examples` defaults to the checkpoint's
+    the checkpoint's own paper target and each plan's success (PER_EXAMPLE_SUCCESS); `max_examples` defaults to the checkpoint's
     max_eval_examples, so test is scored on as many examples as validation was."""
     device = device or torch.device("cpu")
     model, tokenizer, config = load_checkpoint(directory)
     model.to(device)
     limit = max_examples if max_examples is not None else config.max_eval_examples
-    metrics, samples = evaluate(model, tokenizer, split[:limit], config, device, rank=0, world=1)
+    metrics, samples = evaluate(model, tokenizer, split[:limit], config, device, rank=0, world=1, per_example=True)
     target = {config.paper_target: config.targets[config.paper_target].model_dump()}
     metrics[names.PAPER_DISTANCE] = paper_distance({config.paper_target: metrics[names.PLAN_SUCCESS]}, target)
     return metrics, samples

@@ -215,11 +215,15 @@ def _encode(tokenizer, split: dict[str, list], config: ToolRAGConfig, limit: int
     return {**pack_sequences(ids), "labels": torch.tensor(labels, dtype=torch.float32).reshape(-1, NUM_TOOLS)}
 
 
-def _evaluate(model, split: dict[str, Any], pad_id: int, config: ToolRAGConfig, device, rank: int, world: int):
-    """Score this worker's slice of the held-out set and all-reduce the sums."""
+def _evaluate(model, split: dict[str, Any], pad_id: int, config: ToolRAGConfig, device, rank: int, world: int,
+              per_example: bool = False):
+    """Score this worker's slice of the held-out set and all-reduce the sums; with per_example
+    (one worker only), also each example's recall hit under PER_EXAMPLE_SUCCESS."""
     collate = PaddedBatches(split, pad_id)
     mine = list(range(rank, len(collate), world))
     counts = ToolRetrievalCounts.zeros()
+    if per_example:
+        counts.hits = []
     model.eval()
     with torch.no_grad(), autocast(device, config.bf16):
         for start in range(0, len(mine), config.eval_batch_size):
@@ -228,7 +232,10 @@ def _evaluate(model, split: dict[str, Any], pad_id: int, config: ToolRAGConfig, 
             counts.update(torch.sigmoid(logits.float()), batch["labels"], config.threshold)
     model.train()
     counts.sums = all_reduce_sum(counts.sums.to(device)).cpu()
-    return counts.metrics()
+    metrics = counts.metrics()
+    if per_example:
+        metrics[names.PER_EXAMPLE_SUCCESS] = counts.hits
+    return metrics
 
 
 def _save_checkpoint(model, tokenizer, config: ToolRAGConfig, directory: str) -> None:
@@ -323,7 +330,8 @@ def score_checkpoint(directory: str, split: dict[str, list], device: torch.devic
                      max_examples: int | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """A trial's checkpoint scored on held-out queries (the test split, once per trial, after the
     search): (metrics, no samples). `split` is {"queries", "labels"}; metrics are those of an
-    epoch plus `paper_distance` from the checkpoint's own targets. `max_examples` defaults to
+    epoch plus `paper_distance` from the checkpoint's own targets, and each query's recall hit
+    (PER_EXAMPLE_SUCCESS). `max_examples` defaults to
     the checkpoint's max_eval_examples, so test is scored on as many examples as validation."""
     from transformers import AutoTokenizer
 
@@ -333,7 +341,8 @@ def score_checkpoint(directory: str, split: dict[str, list], device: torch.devic
     tokenizer = AutoTokenizer.from_pretrained(directory)
     limit = max_examples if max_examples is not None else config.max_eval_examples
     encoded = _encode(tokenizer, split, config, limit)
-    metrics = _evaluate(model, encoded, int(tokenizer.pad_token_id or 0), config, device, rank=0, world=1)
+    metrics = _evaluate(model, encoded, int(tokenizer.pad_token_id or 0), config, device, rank=0, world=1,
+                        per_example=True)
     metrics[names.PAPER_DISTANCE] = paper_distance(metrics, {k: t.model_dump() for k, t in config.targets.items()})
     return metrics, []
 

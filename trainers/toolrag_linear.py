@@ -181,14 +181,18 @@ def predict_probabilities(pipeline: Pipeline, queries: list[str], template: str)
 
 
 def _score(pipeline: Pipeline, config: LinearToolRAGConfig, split: dict[str, list],
-           limit: int | None) -> dict[str, float]:
+           limit: int | None, per_example: bool = False) -> dict[str, float]:
     queries, labels = split["queries"][:limit], split["labels"][:limit]
     probabilities = predict_probabilities(pipeline, queries, config.prompt_template)
     counts = ToolRetrievalCounts.zeros()
+    if per_example:
+        counts.hits = []
     counts.update(torch.from_numpy(probabilities),
                   torch.tensor(labels, dtype=torch.float32).reshape(-1, NUM_TOOLS), config.threshold)
     metrics = counts.metrics()
     metrics[names.PAPER_DISTANCE] = paper_distance(metrics, {k: t.model_dump() for k, t in config.targets.items()})
+    if per_example:
+        metrics[names.PER_EXAMPLE_SUCCESS] = counts.hits
     return metrics
 
 
@@ -255,10 +259,11 @@ def score_checkpoint(directory: str, split: dict[str, list], device: torch.devic
     """A checkpoint scored on held-out queries: (metrics, no samples), as
     `trainers.toolrag.score_checkpoint`. `device` is accepted for that shared signature and
     unused (scikit-learn runs on CPU); `max_examples` defaults to the checkpoint's
-    max_eval_examples, so test is scored on as many examples as validation."""
+    max_eval_examples, so test is scored on as many examples as validation. Each query's recall
+    hit is under PER_EXAMPLE_SUCCESS."""
     pipeline, config = load_checkpoint(directory)
     limit = max_examples if max_examples is not None else config.max_eval_examples
-    return _score(pipeline, config, split, limit), []
+    return _score(pipeline, config, split, limit, per_example=True), []
 
 
 

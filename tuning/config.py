@@ -131,6 +131,10 @@ class SearchSettings(Strict):
     reduction_factor: int = Field(2, ge=2)
     # tpe: Optuna's TPE, seeded (the default); random: proposals that ignore earlier results.
     sampler: Literal["tpe", "random"] = "tpe"
+    # How many proposals TPE draws at random before it models the results (Optuna's
+    # n_startup_trials, 10 by default): in a 4-trial smoke search the default would leave TPE
+    # nothing to do.
+    startup_trials: int | None = Field(None, ge=1)
     # ASHA stops trials whose early epochs rank badly (grace_period, reduction_factor); off,
     # every trial trains all its epochs.
     early_stopping: bool = True

@@ -75,7 +75,8 @@ def score_trials_on_test(tracker: SearchTracker, spec: ModelSpec, split_data: An
             print(f"[test] trial {record.trial_id}: scoring failed: {str(error).splitlines()[-1]}", flush=True)
             tracker.record_test_error(record.trial_id, str(error))
             continue
-        tracker.record_test(record.trial_id, metrics, samples)
+        outcomes = metrics.pop(names.PER_EXAMPLE_SUCCESS, None)
+        tracker.record_test(record.trial_id, metrics, samples, outcomes)
         scored.append(record)
         if verbose:  # quiet, the closing table shows every trial's test figures
             print(f"[test] trial {record.trial_id}: {describe(spec, metrics)}", flush=True)

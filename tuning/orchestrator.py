@@ -335,6 +335,7 @@ def _parent_params(args: argparse.Namespace, inputs: Inputs, request: SearchRequ
         "num_samples": request.num_samples, "seed": request.seed, "workers_per_trial": request.workers_per_trial,
         "max_failed_trials": request.max_failed_trials, "trial_runner": request.trial_runner,
         "sampler": request.sampler, "early_stopping": request.early_stopping,
+        "startup_trials": request.startup_trials if request.startup_trials is not None else "optuna default (10)",
         "grace_period": request.grace_period, "reduction_factor": request.reduction_factor,
         "cpus_per_worker": request.cpus_per_worker, "gpus_per_worker": request.gpus_per_worker,
         "data_source": dataset.source, "data_fingerprint": dataset.fingerprint,
@@ -369,6 +370,7 @@ def plan_search(args: argparse.Namespace, locations: Locations, inputs: Inputs) 
         gpus_per_worker=args.gpus_per_worker, seed=args.seed, objective=args.objective,
         grace_period=preset.search.grace_period, reduction_factor=preset.search.reduction_factor,
         sampler=preset.search.sampler, early_stopping=preset.search.early_stopping,
+        startup_trials=preset.search.startup_trials,
         time_budget_s=args.time_budget_s if args.time_budget_s is not None else preset.search.time_budget_s,
         address=args.address, max_failed_trials=args.max_failed_trials,
         # On the local Ray no node is lost, and a restart would only race the teardown of a
@@ -434,6 +436,8 @@ class Outcome:
     # Trials found when resuming, by state (finished, failed, interrupted).
     resumed_counts: dict[str, int] | None = None
     family_bests: list = field(default_factory=list)
+    # The comparisons the search answers (tuning/full_budget.py), as the closing table prints them.
+    comparison_lines: list[str] = field(default_factory=list)
 
 
 def _build_base(prepared: PreparedSearch) -> None:
@@ -498,6 +502,8 @@ def _totals(tracker, started: float) -> dict[str, float]:
         "search_wall_seconds": time.time() - started,
         "cpu_seconds_total": sum((r.last or {}).get(names.CPU_SECONDS, 0.0) for r in trials),
         "trials_scored_on_test": sum(r.test is not None for r in trials),
+        "full_budget_reruns": sum(r.rerun_of is not None for r in trials),
+        "full_budget_seconds": tracker.full_budget_seconds,
     }
     ranked = tracker.ranked()
     if ranked:
@@ -513,6 +519,7 @@ def _close(prepared: PreparedSearch, tracker, status: str, started: float) -> Ou
     ranked = tracker.ranked()
     outcome = Outcome(status=status, ranked=ranked, totals=_totals(tracker, started))
     try:  # whatever goes wrong while marking, the parent run is closed
+        outcome.comparison_lines = _compare(prepared, tracker)
         if ranked:
             outcome.registered_version = tracker.mark_closest(prepared.top_k, prepared.spec.registered_model)
         if prepared.request.objective == "pareto":
@@ -523,9 +530,59 @@ def _close(prepared: PreparedSearch, tracker, status: str, started: float) -> Ou
     return outcome
 
 
+def _compare(prepared: PreparedSearch, tracker) -> list[str]:
+    """The comparisons the search answers, on full-budget trials and paired test outcomes: the
+    prompt templates, and the lowest pos_weight against the closest trial's. Logged on the
+    parent run (metrics, and the sentence as a tag); returns the closing table's lines."""
+    from tuning import full_budget
+
+    records = list(tracker.trials.values())
+    tracker.load_test_outcomes(records)
+    param_space, metric = prepared.request.param_space, prepared.spec.headline[0]
+    lines = []
+    for comparison, title, prefix in (
+            (full_budget.template_comparison(records, param_space, metric),
+             f"Each {full_budget.COMPARED_SETTING}'s best full-budget trial (closest to the paper on validation), "
+             f"then its test {metric}; the best two paired on the same test examples:", full_budget.COMPARED_SETTING),
+            (full_budget.contrast(records, param_space, metric),
+             f"{metric} at the lowest {full_budget.CONTRASTED_SETTING} tried against the closest trial's (both "
+             "trained to the end), paired on the same test examples:", full_budget.CONTRASTED_SETTING)):
+        if comparison is None:
+            continue
+        lines.append(full_budget.format_comparison(comparison, title))
+        tracker.log_parent_metrics(full_budget.parent_metrics(comparison, prefix))
+        tracker.set_parent_tag(full_budget.COMPARISON_TAG_PREFIX + prefix, comparison.sentence())
+    return lines
+
+
+def _run_full_budget(prepared: PreparedSearch, tracker, callbacks: list, progress) -> None:
+    """Rerun, to the last epoch, each template's best configuration when no trial of it got there,
+    and the lowest pos_weight's (tuning/full_budget.py). Their runs are tagged with why."""
+    from tuning import full_budget, ray_search
+
+    request = prepared.request
+    reruns = full_budget.reruns_needed(list(tracker.trials.values()), request.param_space,
+                                       prepared.spec.scheduler_metric)
+    if not reruns:
+        print("[full budget] every compared value already has a trial trained to the end", flush=True)
+        return
+    print(f"[full budget] {len(reruns)} rerun(s) to the last epoch, early stopping off: "
+          + "; ".join(f"{r.reason} (" + (f"trial {r.source_trial}'s configuration" if r.source_trial
+                                         else "the closest trial's configuration with this value") + ")"
+                      for r in reruns), flush=True)
+    progress.total += len(reruns)  # the progress line counts the reruns too
+    began = time.time()
+    assigned = ray_search.run_full_budget(request, [r.config for r in reruns], callbacks)
+    tracker.full_budget_seconds += time.time() - began
+    for trial_id, index in assigned.items():
+        if trial_id in tracker.trials:
+            tracker.mark_rerun(trial_id, reruns[index].reason, reruns[index].source_trial)
+
+
 def _search_and_score(prepared: PreparedSearch, tracker, resumed_counts, started: float,
                       log_file: Path | None = None) -> Outcome:
-    """The Tune search, then the test split once per trial; the parent run is closed either way."""
+    """The Tune search, the full-budget reruns, then the test split once per trial; the parent
+    run is closed either way."""
     from tuning import holdout, ray_search
     from tuning.console import SearchProgress
 
@@ -534,8 +591,11 @@ def _search_and_score(prepared: PreparedSearch, tracker, resumed_counts, started
                               request.max_concurrent or ray_search.default_concurrency(request),
                               request.time_budget_s, log_file, started=started)
     try:
-        budget = ray_search.run_search(request, [tracker.callback(prepared.trial_params), progress],
+        callbacks = [tracker.callback(prepared.trial_params), progress]
+        budget = ray_search.run_search(request, callbacks,
                                        failed_before_resume=(resumed_counts or {}).get("failed", 0))
+        if not budget.exhausted:
+            _run_full_budget(prepared, tracker, callbacks, progress)
         holdout.score_trials_on_test(tracker, prepared.spec, prepared.test_data, request.storage_path,
                                      request.cpus_per_worker, request.gpus_per_worker, verbose=request.verbose)
         status = "FAILED" if budget.exhausted else "FINISHED"

@@ -285,7 +285,7 @@ def _templates(data: PlotInput) -> Figure | None:
     for x, template in enumerate(templates):
         entry = summary.get(template)
         if entry is None or entry["best"] is None:
-            # Its trials were all scored on a subset (or none ran): no bar would be comparable.
+            # Its trials were all stopped early (or none ran): no bar would be comparable.
             ax.text(x, 0.5, "stopped early" if entry else "no result", transform=ax.get_xaxis_transform(),
                     ha="center", va="center", color="gray")
             continue

@@ -85,6 +85,8 @@ class SearchRequest:
     # "tpe" or "random"; without early stopping every trial trains all its epochs.
     sampler: str = "tpe"
     early_stopping: bool = True
+    # TPE's random proposals before it models results; None: Optuna's default (10).
+    startup_trials: int | None = None
 
 
 def resolve_trial_runner(choice: str, workers: int, gpus_per_worker: float, address: str | None) -> str:
@@ -363,31 +365,33 @@ class FailureBudget:
 
 
 def _new_tuner(request: SearchRequest, trainable, callbacks: list[Any], budget: FailureBudget):
-    """A new Tune run: Optuna's TPE (seeded) proposes, the warm starts go first, ASHA stops."""
+    """A new Tune run: Optuna's TPE (seeded) proposes, the warm starts go first, ASHA stops,
+    both in an order that timing cannot change (tuning/ordered_search.py)."""
     import optuna
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     from trainers.registry import MODELS
+    from tuning.ordered_search import OrderedASHA, OrderedSearch, rung_epochs
 
     spec = MODELS[request.model]
     metric, mode = objective_setup(request.objective, spec.pareto)
+    startup = {} if request.startup_trials is None else {"n_startup_trials": request.startup_trials}
     if request.sampler == "random":
         sampler = optuna.samplers.RandomSampler(seed=request.seed)
     elif request.objective == "pareto":
-        sampler = optuna.samplers.TPESampler(seed=request.seed, multivariate=False)
+        sampler = optuna.samplers.TPESampler(seed=request.seed, multivariate=False, **startup)
     else:
-        sampler = optuna.samplers.TPESampler(seed=request.seed)
-    searcher = OptunaSearch(metric=metric, mode=mode, points_to_evaluate=request.warm_start or None, sampler=sampler)
+        sampler = optuna.samplers.TPESampler(seed=request.seed, **startup)
+    max_concurrent = request.max_concurrent or default_concurrency(request)
     # ASHA needs one scalar, lower is better: the model's own (the distance to the paper, best
     # epoch so far; for the planner with a tie-break, see trainers/planner.py), in both modes.
-    scheduler = None
-    if request.early_stopping:
-        scheduler = ASHAScheduler(time_attr="training_iteration", metric=spec.scheduler_metric, mode="min",
-                                  max_t=max_epochs(request.trainer_base, request.param_space),
-                                  grace_period=request.grace_period, reduction_factor=request.reduction_factor)
-    max_concurrent = request.max_concurrent or default_concurrency(request)
+    rungs = (rung_epochs(request.grace_period, request.reduction_factor,
+                         max_epochs(request.trainer_base, request.param_space)) if request.early_stopping else [])
+    # The lag is the number of trials at once: proposal k waits for trial k - lag to end.
+    searcher = OrderedSearch(request.param_space, metric, mode, sampler, lag=max_concurrent,
+                             warm_start=request.warm_start, rung_metric=spec.scheduler_metric, rungs=rungs,
+                             reduction_factor=request.reduction_factor)
+    scheduler = OrderedASHA(searcher) if request.early_stopping else None
     print(f"[search] {request.num_samples} trials, up to {max_concurrent} at once, "
           f"{request.workers_per_trial} worker(s) x {request.cpus_per_worker} CPU"
           + (f" x {request.gpus_per_worker} GPU" if request.gpus_per_worker else "")
@@ -432,16 +436,13 @@ def trial_trainable(request: SearchRequest, static: dict[str, Any]):
     return tune.with_resources(tune.with_parameters(fit_trial, static=static), TRIAL_RESOURCES)
 
 
-def run_search(request: SearchRequest, callbacks: list[Any], failed_before_resume: int = 0) -> FailureBudget:
-    """Run the search on the connected Ray cluster, with `callbacks` (the MLflow tracker's) on
-    Tune's trial events; returns the failure count and budget."""
+def _static(request: SearchRequest) -> dict[str, Any]:
+    """What every trial of the search shares, shipped once."""
     import ray
-    from ray import tune
 
     from trainers.registry import MODELS
-    from tuning.resume import final_result_recorder
 
-    static = {
+    return {
         # The function itself, pickled by reference: a trial imports only its own trainer
         # module, not every model's (scikit-learn, PEFT) through the registry.
         "train_fn_per_worker": MODELS[request.model].train_fn_per_worker,
@@ -455,6 +456,14 @@ def run_search(request: SearchRequest, callbacks: list[Any], failed_before_resum
         "train_storage_path": storage_join(request.storage_path, "train"),
         "retries_per_trial": request.retries_per_trial,
     }
+
+
+def run_search(request: SearchRequest, callbacks: list[Any], failed_before_resume: int = 0) -> FailureBudget:
+    """Run the search on the connected Ray cluster, with `callbacks` (the MLflow tracker's) on
+    Tune's trial events; returns the failure count and budget."""
+    from tuning.resume import final_result_recorder
+
+    static = _static(request)
     budget = FailureBudget(request.max_failed_trials, failed=failed_before_resume)
     trainable = trial_trainable(request, static)
     callbacks = [*callbacks, budget.callback,
@@ -466,10 +475,15 @@ def run_search(request: SearchRequest, callbacks: list[Any], failed_before_resum
         tuner = restored_tuner(request, trainable, callbacks, budget)
     else:
         tuner = _new_tuner(request, trainable, callbacks, budget)
+    _fit(tuner, request.verbose)
+    return budget
+
+
+def _fit(tuner, verbose: bool) -> None:
     # Tune's newer console output prints an experiment box at any verbosity; its older one is
     # silent at verbose=0, which the quiet default wants.
     previous = os.environ.get("RAY_AIR_NEW_OUTPUT")
-    if not request.verbose:
+    if not verbose:
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     try:
         tuner.fit()
@@ -478,7 +492,34 @@ def run_search(request: SearchRequest, callbacks: list[Any], failed_before_resum
             os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
         else:
             os.environ["RAY_AIR_NEW_OUTPUT"] = previous
-    return budget
+
+
+def run_full_budget(request: SearchRequest, configs: list[dict[str, Any]], callbacks: list[Any]) -> dict[str, int]:
+    """Train each configuration to its last epoch, with no early stopping and no time budget, as
+    trials of a Tune run of their own (STORAGE/tune/<run>-full-budget-<time>) with the search's
+    trainable and callbacks. Returns {trial id: index in configs}."""
+    from ray import tune
+
+    from tuning.ordered_search import FixedConfigs
+    from tuning.resume import final_result_recorder
+
+    static = _static(request)
+    name = f"{request.tune_run_name}-full-budget-{time.strftime('%H%M%S')}"
+    fixed = FixedConfigs(configs)
+    tuner = tune.Tuner(
+        trial_trainable(request, {**static, "tune_run_name": name}),
+        param_space=_tune_space(request.param_space),
+        tune_config=tune.TuneConfig(search_alg=fixed, num_samples=len(configs),
+                                    max_concurrent_trials=request.max_concurrent or default_concurrency(request),
+                                    reuse_actors=request.trial_runner == "in-process"),
+        run_config=tune.RunConfig(
+            name=name, storage_path=storage_join(request.storage_path, "tune"),
+            callbacks=[*callbacks, final_result_recorder(name, static["train_storage_path"])],
+            failure_config=tune.FailureConfig(max_failures=trial_restarts(request)),
+            verbose=1 if request.verbose else 0),
+    )
+    _fit(tuner, request.verbose)
+    return dict(fixed.assigned)
 
 
 def storage_join(storage: str, *parts: str) -> str:

@@ -4,6 +4,7 @@ family's best on the same data)."""
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from trainers import metric_names as names
@@ -11,7 +12,7 @@ from trainers.data import Dataset
 from trainers.evaluation import target_value
 from trainers.registry import ModelSpec
 from tuning.config import TEMPLATE_KEY
-from tuning.tracking import TrialRecord
+from tuning.tracking import TrialRecord, rank
 
 if TYPE_CHECKING:
     from tuning.orchestrator import Outcome, PreparedSearch
@@ -134,32 +135,24 @@ def format_table(records: list[TrialRecord], spec: ModelSpec, paper: dict[str, d
 
 
 def best_per_template(records: list[TrialRecord], metric: str) -> dict[str, dict[str, Any]]:
-    """For each template tried: the best validation value of `metric`, that trial's test
-    figure, and how many trials tried it.
+    """For each template tried: its best full-budget trial (closest to the paper on validation,
+    see tuning/full_budget.py), that trial's validation `metric` and distance, its test figures,
+    and how many trials tried the template. A trial stopped early does not compete: its figures
+    are from fewer epochs (and for the planner from a validation subset)."""
+    from tuning.full_budget import full_budget
 
-    Only whole-validation-split results count, so a trial stopped on a subset does not compete."""
     summary: dict[str, dict[str, Any]] = {}
-    for record in records:
+    for record in rank(records):
         template = record.params.get(TEMPLATE_KEY)
-        if template is None or not record.best:
+        if template is None:
             continue
-        entry = summary.setdefault(template, {"trials": 0, "best": None, "trial_id": None, "test": None})
+        entry = summary.setdefault(template, {"trials": 0, "best": None, "distance": math.inf, "trial_id": None,
+                                              "test": None})
         entry["trials"] += 1
-        if record.best.get(names.FULL_VALIDATION_SET, 1.0) == 1.0 and metric in record.best:
-            if entry["best"] is None or record.best[metric] > entry["best"]:
-                entry["best"], entry["trial_id"] = record.best[metric], record.trial_id
-                entry["test"] = record.test
+        if entry["trial_id"] is None and full_budget(record) and metric in record.best:
+            entry.update(best=record.best[metric], distance=record.objective, trial_id=record.trial_id,
+                         test=record.test)
     return summary
-
-
-def format_template_summary(summary: dict[str, dict[str, Any]], metric: str) -> str:
-    lines = [f"Best {metric} per prompt template (chosen on the whole validation split; its test figure after):"]
-    for template, entry in sorted(summary.items(), key=lambda item: -(item[1]["best"] or -1.0)):
-        figure = (f"validation {entry['best']:.3f}, test {_interval_cell(entry['test'], metric)[0]} "
-                  f"(trial {entry['trial_id']})" if entry["best"] is not None
-                  else "none scored on the whole validation split (stopped early)")
-        lines.append(f"  {template:<12} {figure}, {entry['trials']} trial(s)")
-    return "\n".join(lines)
 
 
 def format_family_comparison(bests: list[dict[str, Any]], spec: ModelSpec, paper: dict[str, dict[str, Any]]) -> str:
@@ -190,9 +183,7 @@ def format_closing(prepared: "PreparedSearch", outcome: "Outcome", tracker) -> s
     parts = ["", format_table(ranked[: prepared.top_k], spec, paper,
                               f"Closest to the paper on validation (best epoch of each trial, {len(ranked)} trials "
                               "ranked), with each trial's test figures, scored once:")]
-    if TEMPLATE_KEY in request.param_space:
-        headline = spec.headline[0]
-        parts.append(format_template_summary(best_per_template(ranked, headline), headline))
+    parts.extend(outcome.comparison_lines)
     if request.objective == "pareto":
         parts.append(format_table(outcome.front, spec, paper, "Pareto front (recall up, tools retrieved down):"))
     comparison = format_family_comparison(outcome.family_bests, spec, paper)

@@ -161,20 +161,29 @@ def _rows(view: SearchView, records: list[TrialRecord]) -> tuple[list[str], list
 
 
 def _template_rows(view: SearchView) -> list[list[str]]:
-    """Per template: its best whole-validation figure with interval, and that trial's test figure."""
+    """Per template: its best full-budget trial's validation figure with interval, and its test figure."""
     metric = view.spec.headline[0]
     by_id = {r.trial_id: r for r in view.records}
     rows = []
     summary = report.best_per_template(view.ranked, metric)
-    for template, entry in sorted(summary.items(), key=lambda item: -(item[1]["best"] or -1.0)):
+    for template, entry in sorted(summary.items(), key=lambda item: item[1]["distance"]):
         if entry["best"] is None:
-            rows.append([template, "stopped early: none scored on the whole validation split", "-", "-",
+            rows.append([template, "no full-budget trial (every one stopped early)", "-", "-",
                          str(entry["trials"])])
             continue
         record = by_id[entry["trial_id"]]
         rows.append([template, report._interval_cell(record.best, metric)[0],
                      report._interval_cell(entry["test"], metric)[0], entry["trial_id"], str(entry["trials"])])
     return rows
+
+
+def _comparisons(view: SearchView) -> dict[str, str]:
+    """{compared setting: the answer in words}, as the search tagged its parent run."""
+    from tuning.full_budget import COMPARISON_TAG_PREFIX
+
+    tags = view.parent.data.tags
+    return {key[len(COMPARISON_TAG_PREFIX):]: value for key, value in sorted(tags.items())
+            if key.startswith(COMPARISON_TAG_PREFIX)}
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -212,6 +221,8 @@ def markdown_note(view: SearchView, report_file: Path | None) -> str:
         parts += ["", f"**Best {view.spec.headline[0]} per {TEMPLATE_KEY}** (validation, then test):", "",
                   _markdown_table([TEMPLATE_KEY, "validation [95% CI]", "test [95% CI]", "trial", "trials"],
                                   _template_rows(view))]
+    for setting, sentence in _comparisons(view).items():
+        parts += ["", f"**{setting}, on full-budget trials:** {sentence}."]
     parts += ["", _summary_line(view) + ".", "", f"Plots: the `{PLOTS_FOLDER}/` artifacts of this run."]
     if report_file is not None:
         parts.append(f"Report page: `{report_file}` (also an artifact of this run).")
@@ -273,6 +284,9 @@ def html_page(view: SearchView, pngs: dict[str, bytes], ui_base: str) -> str:
             parts += [f"<h2>Best {html.escape(view.spec.headline[0])} per {TEMPLATE_KEY}</h2>",
                       _html_table([TEMPLATE_KEY, "validation [95% CI]", "test [95% CI]", "trial", "trials"],
                                   _template_rows(view))]
+        for setting, sentence in _comparisons(view).items():
+            parts.append(f"<p class='answer'><b>{html.escape(setting)}, on full-budget trials:</b> "
+                         f"{html.escape(sentence)}.</p>")
         if view.objective == "pareto" and view.spec.pareto:
             front = report.pareto_front(view.ranked, view.spec.pareto)
             header, rows = _rows(view, front)

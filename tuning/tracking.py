@@ -27,6 +27,9 @@ PARENT_TAG = "mlflow.parentRunId"
 # `search`: "parent" on a search's run, "trial" on each trial's.
 SEARCH_TAG = "search"
 TRIAL_ID_TAG = "trial_id"
+# On a trial's run: its place in the order Tune created trials (0 = the first proposal). Two
+# runs of one seeded search propose the same settings at each number.
+TRIAL_NUMBER_TAG = "trial_number"
 ERROR_TAG = "error"
 # On a trial's run: the worker group was restarted (a lost node, a resumed search), and from
 # which epoch's checkpoint.
@@ -63,6 +66,11 @@ EPOCH_METRIC_PREFIXES = ("tool_", names.GOLD_TOOL_COUNT, names.PAPER_DISTANCE, n
 TEST_PREFIX = "test_"
 # Set on a trial's run when scoring its checkpoint on the test split raised.
 TEST_ERROR_TAG = "test_error"
+# On a trial's run: its per-example test outcomes (1 = success), in test-split order, for paired
+# comparisons between trials (tuning/full_budget.py).
+TEST_OUTCOMES_FILE = "test_outcomes.json"
+# On a full-budget rerun's run: the trial whose configuration it repeats (tuning/full_budget.py).
+RERUN_OF_TAG = "full_budget_rerun_of"
 # Best-epoch figures copied to `final_*` metrics when a trial ends (those a model reports).
 FINAL_KEYS = (names.TOOL_RECALL, *names.interval(names.TOOL_RECALL), names.TOOL_COUNT, *names.interval(names.TOOL_COUNT),
               names.TOOL_PRECISION, names.GOLD_TOOL_COUNT, names.PLAN_SUCCESS, *names.interval(names.PLAN_SUCCESS), names.TOOL_SET_ACCURACY,
@@ -94,6 +102,11 @@ class TrialRecord:
     interrupted: bool = False
     # The best checkpoint's figures on the test split (keys without TEST_PREFIX), once scored.
     test: dict[str, float] | None = None
+    # Its per-example test outcomes (1 = success, in test-split order), once scored.
+    test_outcomes: list[int] | None = None
+    # For a full-budget rerun: the trial whose configuration it repeats, or "" for a value no
+    # trial tried.
+    rerun_of: str | None = None
 
     @property
     def objective(self) -> float:
@@ -146,6 +159,8 @@ class SearchTracker:
         self.trials: dict[str, TrialRecord] = {}
         # Trials that had ended before a resume and that Tune restarted only to replay their result.
         self.replayed = 0
+        # Wall time of the full-budget reruns after the search (tuning/full_budget.py).
+        self.full_budget_seconds = 0.0
 
     # ----- parent run -------------------------------------------------------------------
     def start_parent(self, run_name: str, params: dict[str, Any], tags: dict[str, str], files: list[Path]) -> str:
@@ -162,6 +177,9 @@ class SearchTracker:
     def log_parent_metrics(self, metrics: dict[str, float]) -> None:
         now = int(time.time() * 1000)
         self.client.log_batch(self.parent_run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+
+    def set_parent_tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.parent_run_id, key, value)
 
     def reattach(self, parent_run_id: str, searched_keys: list[str]) -> dict[str, int]:
         """Continue an interrupted search's parent run, with every trial it already recorded.
@@ -210,7 +228,8 @@ class SearchTracker:
         self.client.set_terminated(self.parent_run_id, status=status)
 
     # ----- child runs -------------------------------------------------------------------
-    def trial_started(self, trial_id: str, params: dict[str, Any], fixed: dict[str, Any]) -> None:
+    def trial_started(self, trial_id: str, params: dict[str, Any], fixed: dict[str, Any],
+                      number: int | None = None) -> None:
         if trial_id in self.trials:  # a retried or resumed trial keeps its run
             record = self.trials[trial_id]
             if record.ended_before_resume:
@@ -225,7 +244,8 @@ class SearchTracker:
             return
         run = self.client.create_run(
             self.experiment_id, run_name=trial_run_name(trial_id, params),
-            tags={PARENT_TAG: self.parent_run_id or "", TRIAL_ID_TAG: trial_id, SEARCH_TAG: "trial", **self.trial_tags},
+            tags={PARENT_TAG: self.parent_run_id or "", TRIAL_ID_TAG: trial_id, SEARCH_TAG: "trial", **self.trial_tags,
+                  **({TRIAL_NUMBER_TAG: str(number)} if number is not None else {})},
         )
         self.trials[trial_id] = TrialRecord(trial_id, run.info.run_id, dict(params))
         self._log_params(run.info.run_id, {**fixed, **params})
@@ -287,16 +307,34 @@ class SearchTracker:
         self.client.set_terminated(record.run_id, status=status)
 
     # ----- the end of the search --------------------------------------------------------
-    def record_test(self, trial_id: str, metrics: dict[str, float], samples: list[dict[str, Any]]) -> None:
-        """Log a trial's test-split figures (`test_*`, each rate with its interval) on its run."""
+    def record_test(self, trial_id: str, metrics: dict[str, float], samples: list[dict[str, Any]],
+                    outcomes: list[int] | None = None) -> None:
+        """Log a trial's test-split figures (`test_*`, each rate with its interval) on its run,
+        and its per-example outcomes as TEST_OUTCOMES_FILE."""
         record = self.trials[trial_id]
         record.test = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         now = int(time.time() * 1000)
         self.client.log_batch(record.run_id, metrics=[Metric(TEST_PREFIX + k, v, now, 0) for k, v in record.test.items()])
+        if outcomes is not None:
+            record.test_outcomes = [int(x) for x in outcomes]
+            self.client.log_text(record.run_id, json.dumps(record.test_outcomes), TEST_OUTCOMES_FILE)
         if TEST_CONTEXT in self.datasets:
             self.client.log_inputs(record.run_id, datasets=[self.datasets[TEST_CONTEXT]])
         if samples:
             self.client.log_text(record.run_id, json.dumps(samples, indent=1), "sample_plans/test.json")
+
+    def load_test_outcomes(self, records: list[TrialRecord]) -> None:
+        """Fill in the per-example test outcomes of trials scored under an earlier driver."""
+        for record in records:
+            if record.test is not None and record.test_outcomes is None:
+                record.test_outcomes = read_test_outcomes(self.client, record.run_id)
+
+    def mark_rerun(self, trial_id: str, reason: str, source_trial: str | None) -> None:
+        """Tag a full-budget rerun's run with why it ran and whose configuration it repeats."""
+        record = self.trials[trial_id]
+        record.rerun_of = source_trial or ""
+        self.client.log_batch(record.run_id, tags=[RunTag("full_budget_for", reason),
+                                                   RunTag(RERUN_OF_TAG, source_trial or "none (value not tried)")])
 
     def record_test_error(self, trial_id: str, error: str) -> None:
         self.client.set_tag(self.trials[trial_id].run_id, TEST_ERROR_TAG, error[-4000:])
@@ -476,6 +514,20 @@ def _param_value(text: str) -> Any:
         return text
 
 
+def read_test_outcomes(client: MlflowClient, run_id: str) -> list[int] | None:
+    """A trial's per-example test outcomes from its run, or None when it has none."""
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            path = client.download_artifacts(run_id, TEST_OUTCOMES_FILE, folder)
+        except (MlflowException, OSError):
+            return None
+        return [int(x) for x in json.loads(Path(path).read_text())]
+
+
 def _record_from_run(client: MlflowClient, run, searched_keys: list[str]) -> TrialRecord:
     """A trial's record rebuilt from its MLflow run: the per-epoch results from the metric
     histories (every reported figure is logged per epoch), the best one chosen as it was live."""
@@ -490,6 +542,8 @@ def _record_from_run(client: MlflowClient, run, searched_keys: list[str]) -> Tri
                          checkpoint_path=run.data.tags.get(CHECKPOINT_TAG),
                          stopped_early=run.data.tags.get(STOPPED_EARLY_TAG) == "true",
                          error=run.data.tags.get(ERROR_TAG), resumed_from=run.data.tags.get(RESUMED_FROM_EPOCH_TAG))
+    if RERUN_OF_TAG in run.data.tags:
+        record.rerun_of = run.data.tags[RERUN_OF_TAG]
     test = {key[len(TEST_PREFIX):]: value for key, value in run.data.metrics.items() if key.startswith(TEST_PREFIX)}
     record.test = test or None
     for epoch in sorted(results):
@@ -510,7 +564,7 @@ class MlflowTrialCallback(tune.Callback):
         self.fixed_params = fixed_params
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.tracker.trial_started(trial.trial_id, trial.config, self.fixed_params)
+        self.tracker.trial_started(trial.trial_id, trial.config, self.fixed_params, _trial_number(trial))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.tracker.trial_result(trial.trial_id, result)
@@ -520,6 +574,12 @@ class MlflowTrialCallback(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.tracker.trial_ended(trial.trial_id, "FAILED", _error_text(trial), trial.config, self.fixed_params)
+
+
+def _trial_number(trial) -> int | None:
+    """The order Tune created the trial in: its experiment tag starts with a 1-based counter."""
+    head = str(getattr(trial, "experiment_tag", "")).split("_", 1)[0]
+    return int(head) - 1 if head.isdigit() else None
 
 
 def _error_text(trial) -> str:
