@@ -459,11 +459,11 @@ def test_auto_runs_trials_in_process_only_for_one_cpu_worker_on_a_local_ray():
         resolve_trial_runner("in-process", workers=2, gpus_per_worker=0, address=None)
 
 
-@pytest.mark.parametrize("sampler, early_stopping", [("tpe", True), ("random", False)])
-def test_the_presets_sampler_and_early_stopping_reach_the_tuner(sampler, early_stopping):
+@pytest.mark.parametrize("sampler, early_stopping, startup", [("tpe", True, 2), ("random", False, None)])
+def test_the_presets_sampler_and_early_stopping_reach_the_tuner(sampler, early_stopping, startup):
     import optuna
-    from ray.tune.schedulers import ASHAScheduler
 
+    from tuning.ordered_search import OrderedASHA
     from tuning.ray_search import FailureBudget, SearchRequest, _new_tuner
 
     request = SearchRequest(
@@ -471,9 +471,14 @@ def test_the_presets_sampler_and_early_stopping_reach_the_tuner(sampler, early_s
         param_space={"C": {"type": "loguniform", "low": 0.1, "high": 1.0}}, warm_start=[], data={},
         data_fingerprint="f", num_samples=2, max_concurrent=1, workers_per_trial=1, cpus_per_worker=1,
         gpus_per_worker=0, seed=3, objective="distance", grace_period=1, reduction_factor=2, time_budget_s=None,
-        address=None, sampler=sampler, early_stopping=early_stopping)
+        address=None, sampler=sampler, early_stopping=early_stopping, startup_trials=startup)
     tune_config = _new_tuner(request, lambda config: None, [], FailureBudget(None))._local_tuner._tune_config
     expected = optuna.samplers.TPESampler if sampler == "tpe" else optuna.samplers.RandomSampler
-    assert type(tune_config.search_alg._sampler) is expected
-    assert isinstance(tune_config.scheduler, ASHAScheduler) is early_stopping
+    sampler_used = tune_config.search_alg.study.sampler
+    assert type(sampler_used) is expected
+    if startup is not None:
+        assert sampler_used._n_startup_trials == startup
+    assert isinstance(tune_config.scheduler, OrderedASHA) is early_stopping
     assert early_stopping or tune_config.scheduler is None
+    # The lag is the trials at once (max_concurrent): proposal k waits for trial k - 1 here.
+    assert tune_config.search_alg.lag == 1

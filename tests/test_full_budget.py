@@ -85,6 +85,7 @@ def test_the_template_comparison_pairs_the_best_two_values_on_the_same_test_exam
     assert "test 0.600 [" in text and "(trial a)" in text and "question" not in text
     metrics = full_budget.parent_metrics(comparison, "prompt_template")
     assert metrics["prompt_template_instruction_test_tool_recall"] == pytest.approx(0.6)
+    assert "prompt_template_instruction_value" not in metrics  # a template has no number
     assert metrics["prompt_template_mcnemar_p"] == pytest.approx(comparison.p_value)
 
 
@@ -109,6 +110,9 @@ def test_the_pos_weight_contrast_sets_the_lowest_weight_against_the_closest_tria
     assert comparison.sides[1].label == "pos_weight 1.05 (lowest tried)"
     assert comparison.difference == pytest.approx(0.75)
     assert comparison.sentence().startswith("pos_weight 15.6 (closest trial) beats pos_weight 1.05 (lowest tried)")
+    metrics = full_budget.parent_metrics(comparison, "pos_weight")
+    assert metrics["pos_weight_lowest_value"] == 1.05 and metrics["pos_weight_closest_value"] == 15.6
+    assert metrics["pos_weight_lowest_test_tool_recall"] == pytest.approx(0.2)
 
 
 def test_the_paired_interval_matches_the_wald_interval_when_the_sample_is_large():

@@ -150,8 +150,16 @@ def test_planner_smoke_search_tracks_trials_templates_and_plans(tmp_path, mlflow
     completed = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "[base] building the local planner base" in completed.stdout
-    assert "Best plan_success per prompt template" in completed.stdout
+    # Every template has a full-budget trial (a rerun where ASHA stopped all of its trials), scored
+    # on test, and the best two are compared on the same test examples.
+    comparison = completed.stdout[completed.stdout.index("Each prompt_template's best full-budget trial"):]
+    assert "  => " in comparison and "McNemar p = " in comparison.splitlines()[4]
     client, trials = mlflow_runs(uri, "planner-smoke", "trial")
+    templates = {run.data.params["prompt_template"] for run in trials
+                 if run.data.tags.get("stopped_early") == "false" and run.info.status == "FINISHED"}
+    assert templates == {"concat", "instruct", "chat"}
+    for template in templates:
+        assert f"  `{template}` " in comparison
     assert len(trials) >= 3
     for run in trials:
         assert set(PLANNER_PARAMS) <= set(run.data.params), run.data.params.keys()

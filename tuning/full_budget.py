@@ -88,6 +88,8 @@ class Side:
     label: str
     record: TrialRecord
     metric: str
+    # Its name in the parent run's metrics: the template, or "closest" / "lowest".
+    key: str = ""
 
     @property
     def test_cell(self) -> str:
@@ -152,7 +154,7 @@ def template_comparison(records: list[TrialRecord], param_space: dict[str, dict[
     for record in rank([r for r in records if full_budget(r)]):
         value = record.params.get(COMPARED_SETTING)
         if value not in [side.record.params.get(COMPARED_SETTING) for side in comparison.sides]:
-            comparison.sides.append(Side(f"`{value}`", record, metric))
+            comparison.sides.append(Side(f"`{value}`", record, metric, key=str(value)))
     return _pair(comparison)
 
 
@@ -169,8 +171,9 @@ def contrast(records: list[TrialRecord], param_space: dict[str, dict[str, Any]],
     if not at_lowest or at_lowest[0] is closest:
         return None
     comparison = Comparison(CONTRASTED_SETTING, metric, sides=[
-        Side(f"{CONTRASTED_SETTING} {closest.params[CONTRASTED_SETTING]:.3g} (closest trial)", closest, metric),
-        Side(f"{CONTRASTED_SETTING} {lowest_value:.3g} (lowest tried)", at_lowest[0], metric)])
+        Side(f"{CONTRASTED_SETTING} {closest.params[CONTRASTED_SETTING]:.3g} (closest trial)", closest, metric,
+             key="closest"),
+        Side(f"{CONTRASTED_SETTING} {lowest_value:.3g} (lowest tried)", at_lowest[0], metric, key="lowest")])
     return _pair(comparison)
 
 
@@ -179,7 +182,9 @@ def parent_metrics(comparison: Comparison, prefix: str) -> dict[str, float]:
     paired difference, its interval and McNemar's p."""
     metrics: dict[str, float] = {}
     for side in comparison.sides:
-        key = side.label.strip("`").split(" (")[0].replace(" ", "_")
+        key = side.key
+        if comparison.setting in side.record.params and not isinstance(side.record.params[comparison.setting], str):
+            metrics[f"{prefix}_{key}_value"] = side.record.params[comparison.setting]
         metrics[f"{prefix}_{key}_val_distance"] = side.record.objective
         metrics[f"{prefix}_{key}_val_{comparison.metric}"] = side.record.best.get(comparison.metric, math.nan)
         for name in (comparison.metric, *names.interval(comparison.metric)):
