@@ -71,7 +71,12 @@ def _check_quiet_console(completed, results: Path, trials: int) -> None:
                      "Started training worker group"):
         assert internal not in everything, internal
     progress = [line for line in before_table if re.match(r"\[search\] \d+/\d+ trials ended", line)]
-    assert [line.split()[1] for line in progress] == [f"{n}/{trials}" for n in range(1, trials + 1)]
+    assert [line.split()[1] for line in progress[:trials]] == [f"{n}/{trials}" for n in range(1, trials + 1)]
+    # Then one line per full-budget rerun, the total grown by the reruns announced.
+    reruns = len(progress) - trials
+    total = trials + reruns
+    assert [line.split()[1] for line in progress[trials:]] == [f"{n}/{total}" for n in range(trials + 1, total + 1)]
+    assert reruns == 0 or any(line.startswith(f"[full budget] {reruns} rerun(s)") for line in before_table)
     assert "closest so far: distance" in progress[-1]
     (logs_line,) = [line for line in before_table if line.startswith("[logs]")]
     log_file = Path(re.search(r"logs: (\S+search\.log)", logs_line).group(1))

@@ -201,7 +201,9 @@ def format_comparison(comparison: Comparison, title: str) -> str:
     lines = [title]
     for side in comparison.sides:
         best = side.record.best
-        rerun = f", a full-budget rerun of {side.record.rerun_of}" if side.record.rerun_of else ""
+        source = side.record.rerun_of
+        rerun = ("" if source is None else f", a full-budget rerun of trial {source}" if source and source[0] != "("
+                 else ", the closest trial's settings with this value, trained to the end")
         lines.append(f"  {side.label:<34} validation {comparison.metric} {best.get(comparison.metric, math.nan):.3f} "
                      f"(distance {side.record.objective:.2f}), test {side.test_cell} (trial {side.record.trial_id}"
                      f"{rerun})")

@@ -336,6 +336,7 @@ def _parent_params(args: argparse.Namespace, inputs: Inputs, request: SearchRequ
         "max_failed_trials": request.max_failed_trials, "trial_runner": request.trial_runner,
         "sampler": request.sampler, "early_stopping": request.early_stopping,
         "startup_trials": request.startup_trials if request.startup_trials is not None else "optuna default (10)",
+        "full_budget_reruns": request.full_budget_reruns,
         "grace_period": request.grace_period, "reduction_factor": request.reduction_factor,
         "cpus_per_worker": request.cpus_per_worker, "gpus_per_worker": request.gpus_per_worker,
         "data_source": dataset.source, "data_fingerprint": dataset.fingerprint,
@@ -371,6 +372,7 @@ def plan_search(args: argparse.Namespace, locations: Locations, inputs: Inputs) 
         grace_period=preset.search.grace_period, reduction_factor=preset.search.reduction_factor,
         sampler=preset.search.sampler, early_stopping=preset.search.early_stopping,
         startup_trials=preset.search.startup_trials,
+        full_budget_reruns=not getattr(args, "no_full_budget_reruns", False),
         time_budget_s=args.time_budget_s if args.time_budget_s is not None else preset.search.time_budget_s,
         address=args.address, max_failed_trials=args.max_failed_trials,
         # On the local Ray no node is lost, and a restart would only race the teardown of a
@@ -594,7 +596,7 @@ def _search_and_score(prepared: PreparedSearch, tracker, resumed_counts, started
         callbacks = [tracker.callback(prepared.trial_params), progress]
         budget = ray_search.run_search(request, callbacks,
                                        failed_before_resume=(resumed_counts or {}).get("failed", 0))
-        if not budget.exhausted:
+        if request.full_budget_reruns and not budget.exhausted:
             _run_full_budget(prepared, tracker, callbacks, progress)
         holdout.score_trials_on_test(tracker, prepared.spec, prepared.test_data, request.storage_path,
                                      request.cpus_per_worker, request.gpus_per_worker, verbose=request.verbose)

@@ -87,6 +87,9 @@ class SearchRequest:
     early_stopping: bool = True
     # TPE's random proposals before it models results; None: Optuna's default (10).
     startup_trials: int | None = None
+    # After the search, train each compared value's best configuration to the end where no
+    # trial of it got there (tuning/full_budget.py).
+    full_budget_reruns: bool = True
 
 
 def resolve_trial_runner(choice: str, workers: int, gpus_per_worker: float, address: str | None) -> str:

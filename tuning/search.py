@@ -80,6 +80,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="print Tune's trial table and every worker's output here, as well as in the log "
                              "files (default: one progress line per ended trial; logs under RESULTS_DIR/logs/)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-full-budget-reruns", action="store_true",
+                        help="skip the reruns that train each template's best configuration (and the lowest "
+                             "pos_weight's) to the end; the comparisons then use only trials the search trained to "
+                             "the end")
     return parser.parse_args(argv)
 
 

@@ -104,8 +104,8 @@ class TrialRecord:
     test: dict[str, float] | None = None
     # Its per-example test outcomes (1 = success, in test-split order), once scored.
     test_outcomes: list[int] | None = None
-    # For a full-budget rerun: the trial whose configuration it repeats, or "" for a value no
-    # trial tried.
+    # For a full-budget rerun: the trial whose configuration it repeats, or "(no trial tried
+    # this value)".
     rerun_of: str | None = None
 
     @property
@@ -332,9 +332,9 @@ class SearchTracker:
     def mark_rerun(self, trial_id: str, reason: str, source_trial: str | None) -> None:
         """Tag a full-budget rerun's run with why it ran and whose configuration it repeats."""
         record = self.trials[trial_id]
-        record.rerun_of = source_trial or ""
+        record.rerun_of = source_trial or "(no trial tried this value)"
         self.client.log_batch(record.run_id, tags=[RunTag("full_budget_for", reason),
-                                                   RunTag(RERUN_OF_TAG, source_trial or "none (value not tried)")])
+                                                   RunTag(RERUN_OF_TAG, source_trial or "(no trial tried this value)")])
 
     def record_test_error(self, trial_id: str, error: str) -> None:
         self.client.set_tag(self.trials[trial_id].run_id, TEST_ERROR_TAG, error[-4000:])
