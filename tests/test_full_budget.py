@@ -89,6 +89,14 @@ def test_the_template_comparison_pairs_the_best_two_values_on_the_same_test_exam
     assert metrics["prompt_template_mcnemar_p"] == pytest.approx(comparison.p_value)
 
 
+def test_one_template_with_a_full_budget_trial_is_shown_but_not_compared():
+    comparison = full_budget.template_comparison([record("a", "query", 20.0, 1.0, 3, False, outcomes=[1, 0])],
+                                                 SPACE, "tool_recall")
+    assert [s.record.trial_id for s in comparison.sides] == ["a"] and comparison.p_value is None
+    assert "fewer than two values have a full-budget trial" in comparison.sentence()
+    assert "prompt_template_mcnemar_p" not in full_budget.parent_metrics(comparison, "prompt_template")
+
+
 def test_a_difference_within_chance_is_said_so():
     same = [1, 0] * 50
     shifted = [0, 1] * 50

@@ -131,6 +131,8 @@ class Comparison:
 
 
 def _pair(comparison: Comparison) -> Comparison:
+    if len(comparison.sides) < 2:
+        return comparison
     first, second = (side.record.test_outcomes for side in comparison.sides[:2])
     if first is None or second is None or len(first) != len(second):
         return comparison
