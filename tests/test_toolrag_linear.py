@@ -113,6 +113,9 @@ def test_checkpoint_round_trip_scores_like_evaluate(splits, tmp_path):
 
     metrics, samples = score_checkpoint(str(tmp_path), splits["test"])
     assert samples == []
+    # Each query's recall hit, in order, for paired comparisons: they add up to the recall.
+    hits = metrics.pop("per_example_success")
+    assert len(hits) == metrics["eval_examples"] and sum(hits) / len(hits) == pytest.approx(metrics["tool_recall"])
     assert metrics == evaluate(pipeline, config, splits["test"])
     assert metrics["eval_examples"] == 20  # the checkpoint's own cap applies to test too
     assert score_checkpoint(str(tmp_path), splits["test"], max_examples=50)[0]["eval_examples"] == 50
