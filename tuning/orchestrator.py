@@ -549,7 +549,7 @@ def _compare(prepared: PreparedSearch, tracker) -> list[str]:
             (full_budget.contrast(records, param_space, metric),
              f"{metric} at the lowest {full_budget.CONTRASTED_SETTING} tried against the closest trial's (both "
              "trained to the end), paired on the same test examples:", full_budget.CONTRASTED_SETTING)):
-        if comparison is None:
+        if comparison is None or not comparison.sides:  # no trial trained to the end: nothing to show
             continue
         lines.append(full_budget.format_comparison(comparison, title))
         tracker.log_parent_metrics(full_budget.parent_metrics(comparison, prefix))
