@@ -30,6 +30,19 @@ from ray.tune.search import Searcher
 from trainers import metric_names as names
 
 
+class _PickledState(Searcher):
+    """Tune's searcher checkpoint (for --resume): the whole state, restored into this object, so
+    the scheduler holding it keeps its reference."""
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as handle:
+            pickle.dump(self.__dict__, handle)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as handle:
+            self.__dict__.update(pickle.load(handle))
+
+
 def optuna_distributions(param_space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The project's search-space specs (tuning/config.py) as Optuna distributions."""
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
@@ -66,7 +79,7 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[below] + (ordered[above] - ordered[below]) * (position - below)
 
 
-class OrderedSearch(Searcher):
+class OrderedSearch(_PickledState):
     """Optuna behind a Tune searcher whose history is the settled trials, in trial-number order.
 
     metric/mode: one name and "min"/"max", or lists for a multi-objective study. `rung_metric`
@@ -153,14 +166,6 @@ class OrderedSearch(Searcher):
         cutoff = _quantile(peers, 1 / self.reduction_factor)  # lower is better
         return TrialScheduler.STOP if figure > cutoff else TrialScheduler.CONTINUE
 
-    # ----- Tune's saved state (for --resume) ------------------------------------------
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as handle:
-            pickle.dump(self.__dict__, handle)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as handle:
-            self.__dict__.update(pickle.load(handle))
 
 
 class OrderedASHA(FIFOScheduler):
@@ -178,7 +183,7 @@ class OrderedASHA(FIFOScheduler):
         return f"OrderedASHA: rungs at epochs {self.searcher.rungs}, lag {self.searcher.lag}"
 
 
-class FixedConfigs(Searcher):
+class FixedConfigs(_PickledState):
     """Proposes the given configurations in order, then finishes: the full-budget reruns."""
 
     def __init__(self, configs: list[dict[str, Any]]):
@@ -199,11 +204,3 @@ class FixedConfigs(Searcher):
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         pass
-
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as handle:
-            pickle.dump(self.__dict__, handle)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as handle:
-            self.__dict__.update(pickle.load(handle))
