@@ -2,6 +2,7 @@
 
     python bench/seed_spread.py                       # both models, seeds 0 1 2, then seed 0 again
     python bench/seed_spread.py --model toolrag --seeds 0 1 2 --repeat 0
+    python bench/seed_spread.py --model toolrag --seeds 0 --repeat -1 --against KEPT   # vs an earlier --keep
 
 Each seed runs `python tuning/search.py --model MODEL --seed S` in its own results folder: the
 seed draws the generated data, Optuna's proposals and every trial's initialisation, so the
@@ -10,7 +11,9 @@ validation) and its test figures, each template's full-budget test figure, the t
 comparison and the pos_weight contrast, what the full-budget reruns cost, and how busy the
 two lanes were. Then, per model, the median and range over the seeds; with --repeat, whether a
 second run of that seed proposed the same settings with the same figures (its ratio of wall
-times is the run-to-run noise of this machine).
+times is the run-to-run noise of this machine). --against compares each seed's search with the
+one kept under that folder by an earlier --keep, so one seed is checked again at the cost of one
+search, not two.
 """
 
 from __future__ import annotations
@@ -82,6 +85,37 @@ def figures(model: str, root: Path, search: Search) -> dict:
     return result
 
 
+def kept_search(root: Path) -> Search:
+    """A search an earlier --keep left in ROOT, read back from its MLflow store."""
+    client, parent = parent_run(root)
+    trials = client.search_runs([parent.info.experiment_id], "tags.search = 'trial'", max_results=1000)
+    return Search(sorted(trials, key=lambda run: run.info.start_time), float("nan"), "")
+
+
+def first_difference(first: list, second: list) -> str:
+    """Where two searches' proposals or per-epoch validation distances first part."""
+    for number, (one, other) in enumerate(zip(first, second)):
+        if one[0] != other[0]:
+            return f"trial {number}'s settings: {one[0]} against {other[0]}"
+        for epoch, (a, b) in enumerate(zip(one[1], other[1]), start=1):
+            if a != b:
+                return f"trial {number} ({one[0]}), epoch {epoch}: validation distance {a!r} against {b!r}"
+        if len(one[1]) != len(other[1]):
+            return f"trial {number}: {len(one[1])} epochs against {len(other[1])}"
+    return f"{len(first)} trials against {len(second)}"
+
+
+def same_as_kept(kept_root: Path, result: dict) -> str:
+    if not (kept_root / "mlflow.db").exists():
+        return f"no earlier search under {kept_root} to compare with"
+    kept_client, _ = parent_run(kept_root)
+    kept = what_repeats(kept_client, kept_search(kept_root))
+    if kept == result["repeats"]:
+        return (f"the same as the search kept under {kept_root}: proposals and per-epoch validation distances of "
+                f"all {len(kept)} trials")
+    return f"NOT the same as the search kept under {kept_root}: first at {first_difference(kept, result['repeats'])}"
+
+
 def spread(values: list[float]) -> str:
     values = [v for v in values if v is not None]
     if not values:
@@ -96,6 +130,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, nargs="?", const=0, default=0,
                         help="run this seed a second time and compare (default: 0; pass -1 to skip)")
     parser.add_argument("--keep", help="keep each search's results under this folder")
+    parser.add_argument("--against", help="a folder an earlier --keep wrote: compare each seed's search with its own")
     args = parser.parse_args()
     models = ["toolrag", "planner"] if args.model == "both" else [args.model]
     with TemporaryDirectory(prefix="seed-spread-") as scratch:
@@ -121,6 +156,8 @@ def main() -> None:
                 print(f"  {result['template_answer']}", flush=True)
                 if model == "toolrag":
                     print(f"  {result['pos_weight_answer']}", flush=True)
+                if args.against and not suffix:
+                    print(f"  {same_as_kept(Path(args.against) / root.name, result)}", flush=True)
             seeds = [by_seed[(seed, "")] for seed in args.seeds]
             print(f"\n== {model}, seeds {' '.join(map(str, args.seeds))} ==")
             print(f"  best validation distance: {spread([r['best_val_distance'] for r in seeds])}")
