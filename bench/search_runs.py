@@ -69,9 +69,13 @@ def run_search(root: Path, arguments: list[str], experiment: str = "bench", env:
     if completed.returncode != 0:
         sys.exit(f"search failed: {' '.join(command)}\n{completed.stdout[-2000:]}\n{completed.stderr[-3000:]}")
     client = MlflowClient(uri)
-    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    return Search(trial_runs(client, client.get_experiment_by_name(experiment).experiment_id), wall, completed.stdout)
+
+
+def trial_runs(client, experiment_id: str) -> list:
+    """A search's trial runs, by start time."""
     trials = client.search_runs([experiment_id], "tags.search = 'trial'", max_results=1000)
-    return Search(sorted(trials, key=lambda run: run.info.start_time), wall, completed.stdout)
+    return sorted(trials, key=lambda run: run.info.start_time)
 
 
 def median(values) -> float:

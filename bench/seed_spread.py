@@ -27,7 +27,7 @@ from tempfile import TemporaryDirectory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.search_runs import Search, run_search  # noqa: E402
+from bench.search_runs import Search, run_search, trial_runs  # noqa: E402
 
 HEADLINE = {"toolrag": "tool_recall", "planner": "plan_success"}
 
@@ -85,13 +85,6 @@ def figures(model: str, root: Path, search: Search) -> dict:
     return result
 
 
-def kept_search(root: Path) -> Search:
-    """A search an earlier --keep left in ROOT, read back from its MLflow store."""
-    client, parent = parent_run(root)
-    trials = client.search_runs([parent.info.experiment_id], "tags.search = 'trial'", max_results=1000)
-    return Search(sorted(trials, key=lambda run: run.info.start_time), float("nan"), "")
-
-
 def first_difference(first: list, second: list) -> str:
     """Where two searches' proposals or per-epoch validation distances first part."""
     for number, (one, other) in enumerate(zip(first, second)):
@@ -108,8 +101,9 @@ def first_difference(first: list, second: list) -> str:
 def same_as_kept(kept_root: Path, result: dict) -> str:
     if not (kept_root / "mlflow.db").exists():
         return f"no earlier search under {kept_root} to compare with"
-    kept_client, _ = parent_run(kept_root)
-    kept = what_repeats(kept_client, kept_search(kept_root))
+    # A search an earlier --keep left, read back from its MLflow store (its wall time is not kept).
+    client, parent = parent_run(kept_root)
+    kept = what_repeats(client, Search(trial_runs(client, parent.info.experiment_id), float("nan"), ""))
     if kept == result["repeats"]:
         return (f"the same as the search kept under {kept_root}: proposals and per-epoch validation distances of "
                 f"all {len(kept)} trials")
