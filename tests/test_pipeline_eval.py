@@ -113,7 +113,8 @@ def checkpoints(small_data_dir, toolrag_checkpoint, tmp_path_factory) -> dict[st
     dataset = load_dataset_dir(small_data_dir)
     root = tmp_path_factory.mktemp("checkpoints")
     base = build_base_from_examples(root / "base", dataset.train, TINY_LLAMA,
-                                    BaseBuildSettings(vocab_size=1024, pretrain_epochs=0), progress=lambda line: None)
+                                    BaseBuildSettings(vocab_size=1024, errand_requests=200, pretrain_epochs=0,
+                                                      instruction_epochs=0), progress=lambda line: None)
     config = planner.PlannerConfig(model_path=str(base), system_prompt="compact", prompt_template="instruct",
                                    max_length=320, max_new_tokens=120, lora_r=16, lora_alpha=32, lora_dropout=0.0,
                                    max_eval_examples=EVALUATED, eval_batch_size=4, targets=PLANNER_TARGETS)

@@ -15,9 +15,7 @@ from trainers.planner import (
     CausalLMBatches, PlannerConfig, build_lora_model, encode_train_split, generate_plans, plan_metrics,
     planner_messages, prompt_ids, score_checkpoint, score_plans,
 )
-from trainers.planner_base import (
-    BaseBuildSettings, build_base, compact_system_prompt, pretraining_corpus, train_tokenizer,
-)
+from trainers.planner_base import BaseBuildSettings, build_base_from_examples, compact_system_prompt
 from trainers.planner_prompts import IGNORE_INDEX
 from trainers.tools import END_OF_PLAN
 
@@ -38,12 +36,11 @@ def dataset(small_data_dir):
 
 @pytest.fixture(scope="module")
 def built_base(dataset, tmp_path_factory) -> Path:
-    systems = [c for e in dataset.train for r, c in e.messages if r == "system"]
-    questions = [c for e in dataset.train for r, c in e.messages if r != "system"]
-    settings = BaseBuildSettings(vocab_size=1024, pretrain_epochs=6, learning_rate=1e-2, batch_size=16,
+    settings = BaseBuildSettings(vocab_size=1024, errand_requests=300, pretrain_epochs=2, instruction_epochs=1,
+                                 learning_rate=1e-2, instruction_learning_rate=1e-2, batch_size=16,
                                  sequence_length=128)
-    return build_base(tmp_path_factory.mktemp("bases") / "tiny", systems, questions, TINY_LLAMA, settings,
-                      progress=lambda line: None)
+    return build_base_from_examples(tmp_path_factory.mktemp("bases") / "tiny", dataset.train, TINY_LLAMA, settings,
+                                    progress=lambda line: None)
 
 
 def _config(model_path: Path, **overrides) -> PlannerConfig:
@@ -54,35 +51,6 @@ def _config(model_path: Path, **overrides) -> PlannerConfig:
 
 def _examples(dataset, split: str, count: int) -> list[dict]:
     return [{"messages": [list(m) for m in e.messages], "plan": e.plan} for e in getattr(dataset, split)[:count]]
-
-
-def test_the_base_corpus_holds_prompts_but_no_target_plan(dataset):
-    systems = [c for e in dataset.train for r, c in e.messages if r == "system"]
-    questions = [c for e in dataset.train for r, c in e.messages if r != "system"]
-    corpus = pretraining_corpus(systems, questions)
-    # Every document is a prompt: a dataset system prompt, the compact one, or a question.
-    assert set(corpus) == set(systems) | set(questions) | {compact_system_prompt()}
-    # So a plan can reach the base only as an in-context example inside a system prompt (the
-    # synthetic generator sometimes draws a record whose plan equals one of those examples).
-    without_system_prompts = "\n".join(pretraining_corpus([], questions))
-    assert not any(e.plan in without_system_prompts for e in dataset.train + dataset.test)
-
-
-def test_the_trained_tokenizer_round_trips_plans_and_has_a_chat_template(dataset):
-    tokenizer = train_tokenizer(pretraining_corpus([], [e.query for e in dataset.train]), 400)
-    for example in dataset.test[:20]:
-        text = example.plan + END_OF_PLAN
-        assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
-    assert tokenizer.chat_template and tokenizer.eos_token_id is not None and tokenizer.pad_token_id is not None
-
-
-def test_the_base_is_built_once_and_reused(built_base, dataset):
-    info = json.loads((built_base / "base.json").read_text())
-    assert info["pretrain_losses"] and (built_base / "tokenizer.json").exists()
-    before = (built_base / "base.json").stat().st_mtime_ns
-    assert build_base(built_base, [], [], TINY_LLAMA, BaseBuildSettings(), progress=lambda line: None) == built_base
-    assert (built_base / "base.json").stat().st_mtime_ns == before
-    assert not [p for p in built_base.parent.iterdir() if p.name.startswith(".")]  # no staging folder left
 
 
 @pytest.mark.parametrize("max_length, system_prompt", [(1024, "compact"), (96, "compact"), (160, "dataset")],

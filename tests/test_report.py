@@ -64,3 +64,16 @@ def test_table_says_whether_the_paper_figure_is_inside_each_test_interval():
     assert row_inside.split().count("yes") == 2 and "0.985 [0.975, 0.995]" in row_inside
     assert row_outside.split().count("no") == 2 and "0.900 [0.880, 0.920]" in row_outside
     assert "not scored" in row_untested and "yes" not in row_untested.split()
+
+
+def test_the_untuned_row_shows_both_splits_the_interval_and_the_cut_prompts():
+    from tuning.report import format_untuned
+
+    planner = MODELS["planner"]
+    paper = planner.paper_figures({"plan_success": {"value": 0.78, "tolerance": 0.03}}, {})
+    line = format_untuned(planner, {"val": {"plan_success": 0.05},
+                                    "test": {"plan_success": 0.1, "plan_success_ci_low": 0.06,
+                                             "plan_success_ci_high": 0.15, "eval_examples": 200.0,
+                                             "prompts_cut": 12.0}}, paper)
+    assert "val plan_success 0.050, test 0.100 [0.060, 0.150], paper in: no" in line
+    assert "200 test examples, 12 of their prompts cut to the base's context" in line

@@ -184,6 +184,12 @@ def test_planner_smoke_search_tracks_trials_templates_and_plans(tmp_path, mlflow
     assert "templates" in {Path(a.path).stem for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert "**Best plan_success per prompt_template**" in parent.data.tags["mlflow.note.content"]
     assert {"test_queries_in_train", "unparseable_targets"} <= set(parent.data.metrics)
+    # The paper's untuned row: the base before any LoRA, on the same validation and test examples.
+    assert "The base before any fine-tuning (the dataset's own prompt" in completed.stdout
+    untuned = {k: v for k, v in parent.data.metrics.items() if k.startswith("untuned_")}
+    assert untuned["untuned_val_eval_examples"] == 24 and untuned["untuned_test_eval_examples"] == 24
+    assert (untuned["untuned_test_plan_success_ci_low"] <= untuned["untuned_test_plan_success"]
+            <= untuned["untuned_test_plan_success_ci_high"])
     # Epoch 1 scores the 12-example subset (ASHA's signal); the last epoch the whole 24.
     for run in finished:
         history = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "eval_examples"),

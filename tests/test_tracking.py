@@ -266,3 +266,18 @@ def test_search_progress_counts_trials_and_estimates_what_is_left(tmp_path):
     assert terminal.getvalue().endswith("\r\033[K" + live.line() + "\n")
     budgeted = SearchProgress(tracker, total=6, max_concurrent=2, time_budget_s=150, log_file=None)
     assert budgeted.remaining_s(done=2, elapsed=120) == 30
+
+
+def test_the_untuned_base_row_is_logged_on_the_parent_and_read_back_on_resume(tmp_path):
+    tracker = _tracker(tmp_path)
+    val = {"plan_success": 0.05, "eval_examples": 200.0}
+    test = {"plan_success": 0.1, "plan_success_ci_low": 0.06, "plan_success_ci_high": 0.15, "eval_examples": 200.0,
+            "prompts_cut": 200.0, "per_example": float("nan")}
+    tracker.record_untuned({"val": val, "test": test}, {"test": [{"generated": "1. join()"}], "val": []})
+    parent = tracker.client.get_run(tracker.parent_run_id)
+    assert parent.data.metrics["untuned_val_plan_success"] == 0.05
+    assert parent.data.metrics["untuned_test_plan_success_ci_high"] == 0.15
+    assert "untuned_test_per_example" not in parent.data.metrics  # only finite figures
+    resumed = SearchTracker(tracker.tracking_uri, "exp", max_epochs=3)
+    resumed.reattach(tracker.parent_run_id, ["prompt_template"])
+    assert resumed.untuned == {"val": val, "test": {k: v for k, v in test.items() if k != "per_example"}}

@@ -419,6 +419,37 @@ def train_fn_per_worker(loop_config: dict[str, Any], session: WorkerSession | No
     run_epochs(PlannerTrainer(PlannerConfig.model_validate(loop_config["trainer"])), loop_config, session)
 
 
+def untuned_config(trainer_settings: dict[str, Any]) -> PlannerConfig:
+    """How the base is scored before any LoRA, as the paper's untuned row: the dataset's own
+    system prompt (tool list and in-context examples), since a base that was never tuned on the
+    task knows the tools only from there; the trainer's default template, the base's own
+    instruction format; and room for the whole prompt up to the base's context length."""
+    from transformers import AutoConfig
+
+    settings = {**trainer_settings, "system_prompt": "dataset"}
+    settings.pop("prompt_template", None)
+    context = getattr(AutoConfig.from_pretrained(settings["model_path"]), "max_position_embeddings", None)
+    if context:
+        settings["max_length"] = max(settings.get("max_length", 0), context)
+    return PlannerConfig.model_validate(settings)
+
+
+def score_untuned_base(trainer_settings: dict[str, Any], split: list[dict[str, Any]],
+                       device: torch.device | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """The base model, no adapter, scored on held-out examples under `untuned_config`:
+    (metrics with PER_EXAMPLE_SUCCESS and paper_distance, sample plans)."""
+    from transformers import AutoModelForCausalLM
+
+    device = device or torch.device("cpu")
+    config = untuned_config(trainer_settings)
+    model = AutoModelForCausalLM.from_pretrained(config.model_path, dtype=torch.float32).to(device).eval()
+    metrics, samples = evaluate(model, load_tokenizer(config.model_path), split[: config.max_eval_examples], config,
+                                device, rank=0, world=1, per_example=True)
+    target = {config.paper_target: config.targets[config.paper_target].model_dump()}
+    metrics[names.PAPER_DISTANCE] = paper_distance({config.paper_target: metrics[names.PLAN_SUCCESS]}, target)
+    return metrics, samples
+
+
 def score_checkpoint(directory: str, split: list[dict[str, Any]], device: torch.device | None = None,
                      max_examples: int | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """A trial's checkpoint scored on held-out examples (the test split, once per trial, after

@@ -181,6 +181,14 @@ def _scan(text: str) -> list[tuple[str, str, str]]:
             return found
 
 
+def called_tools(text: str) -> set[str]:
+    """Every name the scorer's search reads as a step anywhere in `text`: from each line on, so
+    also past a `join` and in any document of a concatenation. Says whether a text holds a plan
+    of some tools (the planner base's corpus must hold none of TinyAgent's)."""
+    starts = [0] + [i + 1 for i, char in enumerate(text) if char == "\n"]
+    return {name for start in starts for _, name, _ in _scan(text[start:])}
+
+
 def _arguments(raw: str) -> tuple:
     """TinyAgent's argument rule: a literal when the text is one, else the raw text."""
     if raw == "":

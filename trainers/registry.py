@@ -60,6 +60,9 @@ class ModelSpec:
     # The role its checkpoints play in the pipeline evaluation (trainers/pipeline.py), if it is
     # the model whose prompts another model builds there: `--evaluate-with-toolrag` applies.
     pipeline_role: str | None = None
+    # (trainer settings, split, device) -> (metrics, sample outputs): the base before any
+    # fine-tuning on held-out examples, the paper's untuned row; None where there is no such base.
+    score_untuned: Callable[..., tuple[dict[str, float], list[dict[str, Any]]]] | None = None
 
     @property
     def builds_base(self) -> bool:
@@ -91,6 +94,7 @@ MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
               needs_model_source=False, **_TOOLRAG_COMMON),
     ModelSpec(name="planner", task="planner", family="transformer", config_class=planner.PlannerConfig,
               train_fn_per_worker=planner.train_fn_per_worker, score_checkpoint=planner.score_checkpoint,
+              score_untuned=planner.score_untuned_base,
               split_payload=message_plan_split, templates=PLANNER_TEMPLATES,
               target_metrics=(names.PLAN_SUCCESS, names.PLAN_SUCCESS_WITH_TOOLRAG), headline=(names.PLAN_SUCCESS,),
               extra_columns=(names.TOOL_SET_ACCURACY, names.PLAN_PARSE_RATE, names.EVAL_EXAMPLES),

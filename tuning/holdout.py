@@ -83,3 +83,34 @@ def score_trials_on_test(tracker: SearchTracker, spec: ModelSpec, split_data: An
     if not verbose:
         print(f"[test] {len(scored)} of {len(pending)} trials scored on the test split", flush=True)
     return scored
+
+
+def _score_untuned(model_name: str, trainer_settings: dict[str, Any], split_data: Any, cpus: float):
+    """Runs in a Ray task: the base model, no adapter, on one split."""
+    import ray
+    import torch
+
+    torch.set_num_threads(max(1, int(cpus)))
+    device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
+    return MODELS[model_name].score_untuned(trainer_settings, split_data, device)
+
+
+def score_untuned_base(tracker: SearchTracker, spec: ModelSpec, trainer_settings: dict[str, Any],
+                       splits: dict[str, Any], cpus_per_task: float, gpus_per_task: float) -> None:
+    """The paper's untuned row: the base before any fine-tuning, on the validation and test
+    examples the trials are scored on, one Ray task per split; logged on the parent run. Skipped
+    when the model has no such base, or the parent run has the row already (a resumed search)."""
+    import ray
+
+    if spec.score_untuned is None or tracker.untuned is not None:
+        return
+    print(f"[untuned] scoring the base before any fine-tuning on {' and '.join(splits)}, once", flush=True)
+    task = ray.remote(_score_untuned).options(num_cpus=cpus_per_task, num_gpus=gpus_per_task)
+    futures = {split: task.remote(spec.name, trainer_settings, data, cpus_per_task) for split, data in splits.items()}
+    try:
+        scored = {split: ray.get(future) for split, future in futures.items()}
+    except ray.exceptions.RayTaskError as error:  # the trials' own figures stand without it
+        print(f"[untuned] scoring the base failed: {str(error).splitlines()[-1]}", flush=True)
+        return
+    tracker.record_untuned({split: metrics for split, (metrics, _) in scored.items()},
+                           {split: samples for split, (_, samples) in scored.items()})

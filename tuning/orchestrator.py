@@ -600,6 +600,9 @@ def _search_and_score(prepared: PreparedSearch, tracker, resumed_counts, started
             _run_full_budget(prepared, tracker, callbacks, progress)
         holdout.score_trials_on_test(tracker, prepared.spec, prepared.test_data, request.storage_path,
                                      request.cpus_per_worker, request.gpus_per_worker, verbose=request.verbose)
+        holdout.score_untuned_base(tracker, prepared.spec, request.trainer_base,
+                                   {"val": request.data["val"], "test": prepared.test_data},
+                                   request.cpus_per_worker, request.gpus_per_worker)
         status = "FAILED" if budget.exhausted else "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"

@@ -134,6 +134,21 @@ def format_table(records: list[TrialRecord], spec: ModelSpec, paper: dict[str, d
     return "\n".join(lines)
 
 
+def format_untuned(spec: ModelSpec, untuned: dict[str, dict[str, float]], paper: dict[str, dict[str, Any]]) -> str:
+    """The paper's untuned row: the base before any fine-tuning, on the same validation and test
+    examples as the trials, with the dataset's own prompt."""
+    val, test = untuned.get("val", {}), untuned.get("test", {})
+    parts = []
+    for metric in spec.headline:
+        cell, low, high = _interval_cell(test, metric)
+        shown = f"{val[metric]:.3f}" if metric in val else "-"
+        parts.append(f"val {metric} {shown}, test {cell}, paper in: {_paper_inside(paper[metric], test, low, high)}")
+    cut = int(test.get(names.PROMPTS_CUT, 0))
+    return ("The base before any fine-tuning (the dataset's own prompt, the base's own format): " + "; ".join(parts)
+            + f"; {int(test.get(names.EVAL_EXAMPLES, 0))} test examples"
+            + (f", {cut} of their prompts cut to the base's context" if cut else "") + ".")
+
+
 def best_per_template(records: list[TrialRecord], metric: str) -> dict[str, dict[str, Any]]:
     """For each template tried: its best full-budget trial (closest to the paper on validation,
     see tuning/full_budget.py), that trial's validation `metric` and distance, its test figures,
@@ -183,6 +198,8 @@ def format_closing(prepared: "PreparedSearch", outcome: "Outcome", tracker) -> s
     parts = ["", format_table(ranked[: prepared.top_k], spec, paper,
                               f"Closest to the paper on validation (best epoch of each trial, {len(ranked)} trials "
                               "ranked), with each trial's test figures, scored once:")]
+    if tracker.untuned:
+        parts.append(format_untuned(spec, tracker.untuned, paper))
     parts.extend(outcome.comparison_lines)
     if request.objective == "pareto":
         parts.append(format_table(outcome.front, spec, paper, "Pareto front (recall up, tools retrieved down):"))

@@ -69,6 +69,8 @@ TEST_ERROR_TAG = "test_error"
 # On a trial's run: its per-example test outcomes (1 = success), in test-split order, for paired
 # comparisons between trials (tuning/full_budget.py).
 TEST_OUTCOMES_FILE = "test_outcomes.json"
+# The parent run's figures of the base before any fine-tuning: untuned_<split>_<metric>.
+UNTUNED_PREFIX = "untuned_"
 # On a full-budget rerun's run: the trial whose configuration it repeats (tuning/full_budget.py).
 RERUN_OF_TAG = "full_budget_rerun_of"
 # Best-epoch figures copied to `final_*` metrics when a trial ends (those a model reports).
@@ -161,6 +163,8 @@ class SearchTracker:
         self.replayed = 0
         # Wall time of the full-budget reruns after the search (tuning/full_budget.py).
         self.full_budget_seconds = 0.0
+        # The base before any fine-tuning, per split ({"val": figures, "test": figures}), or None.
+        self.untuned: dict[str, dict[str, float]] | None = None
 
     # ----- parent run -------------------------------------------------------------------
     def start_parent(self, run_name: str, params: dict[str, Any], tags: dict[str, str], files: list[Path]) -> str:
@@ -189,6 +193,7 @@ class SearchTracker:
         """
         parent = self.client.get_run(parent_run_id)
         self.parent_run_id = parent_run_id
+        self.untuned = untuned_figures(parent.data.metrics)
         resumes = int(parent.data.tags.get("resumed", "0")) + 1
         self.client.log_batch(parent_run_id, tags=[RunTag("resumed", str(resumes)),
                                                    *(RunTag(k, v) for k, v in driver_identity().items())])
@@ -322,6 +327,19 @@ class SearchTracker:
             self.client.log_inputs(record.run_id, datasets=[self.datasets[TEST_CONTEXT]])
         if samples:
             self.client.log_text(record.run_id, json.dumps(samples, indent=1), "sample_plans/test.json")
+
+    def record_untuned(self, metrics: dict[str, dict[str, float]], samples: dict[str, list[dict[str, Any]]]) -> None:
+        """Log the untuned base's figures per split on the parent run (`untuned_<split>_*`), and
+        its sample plans."""
+        self.untuned = {split: {k: float(v) for k, v in figures.items()
+                                if isinstance(v, (int, float)) and math.isfinite(v)}
+                        for split, figures in metrics.items()}
+        self.log_parent_metrics({f"{UNTUNED_PREFIX}{split}_{k}": v for split, figures in self.untuned.items()
+                                 for k, v in figures.items()})
+        for split, plans in samples.items():
+            if plans:
+                self.client.log_text(self.parent_run_id, json.dumps(plans, indent=1),
+                                     f"sample_plans/untuned_{split}.json")
 
     def load_test_outcomes(self, records: list[TrialRecord]) -> None:
         """Fill in the per-example test outcomes of trials scored under an earlier driver."""
@@ -512,6 +530,16 @@ def _param_value(text: str) -> Any:
         return json.loads(text)
     except ValueError:
         return text
+
+
+def untuned_figures(parent_metrics: dict[str, float]) -> dict[str, dict[str, float]] | None:
+    """The untuned base's figures per split from a parent run's metrics, or None."""
+    figures: dict[str, dict[str, float]] = {}
+    for key, value in parent_metrics.items():
+        if key.startswith(UNTUNED_PREFIX):
+            split, _, metric = key.removeprefix(UNTUNED_PREFIX).partition("_")
+            figures.setdefault(split, {})[metric] = value
+    return figures or None
 
 
 def read_test_outcomes(client: MlflowClient, run_id: str) -> list[int] | None:

@@ -1,0 +1,91 @@
+"""The laptop planner base: what it reads, that its build repeats, and that LoRA learns on it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainers.data import load_dataset_dir, message_plan_split
+from trainers.errand_domain import ERRAND_TOOLS, errand_requests
+from trainers.planner_base import (
+    BaseBuildSettings, base_documents, build_base, build_base_from_examples, compact_system_prompt,
+    train_tokenizer,
+)
+from trainers.plans import called_tools, parse_plan
+from trainers.tools import END_OF_PLAN, JOIN_TOOL, TOOL_NAMES
+
+TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 512,
+              "tie_word_embeddings": True}
+QUIET = {"progress": lambda line: None}
+
+
+@pytest.fixture(scope="module")
+def dataset(small_data_dir):
+    return load_dataset_dir(small_data_dir)
+
+
+def _questions(dataset) -> list[str]:
+    return [c for e in dataset.train for r, c in e.messages if r == "user"]
+
+
+def test_no_plan_of_the_16_tools_is_in_what_the_base_reads(dataset):
+    corpus, instructions = base_documents(_questions(dataset), BaseBuildSettings(errand_requests=2000))
+    texts = corpus + [text for pair in instructions for text in pair]
+    assert all(not (called_tools(text) & set(TOOL_NAMES)) for text in texts)
+    # The other domain's plans are there, and read as plans by the same parser...
+    assert set(ERRAND_TOOLS) <= set().union(*(called_tools(text) for text in texts))
+    # ...which finds the 16 tools where they are: in the dataset's own system prompt (its
+    # in-context examples), which is why the base never reads it.
+    system_prompt = next(c for r, c in dataset.train[0].messages if r == "system")
+    assert called_tools(system_prompt) & set(TOOL_NAMES)
+    assert not any(e.plan in text for e in dataset.train + dataset.val + dataset.test for text in texts)
+
+
+def test_the_other_domain_writes_plans_the_scorer_reads():
+    requests = errand_requests(300, seed=3)
+    assert len({r.question for r in requests}) == 300 and requests == errand_requests(300, seed=3)
+    shapes = {"list of references": False, "reference in text": False, "thought": False}
+    for request in requests:
+        assert request.plan.endswith(f"{JOIN_TOOL}()") and END_OF_PLAN not in request.plan
+        assert called_tools(request.plan) <= set(ERRAND_TOOLS) | {JOIN_TOOL}
+        shapes["list of references"] |= '["$' in request.plan
+        shapes["reference in text"] |= any(f' ${k}"' in request.plan for k in range(1, 9))
+        shapes["thought"] |= "\nThought: " in request.plan
+    assert all(shapes.values()), shapes  # the shapes TinyAgent's plans have
+    assert parse_plan(requests[0].plan) == []  # none of the 16 tools: the scorer keeps no step
+
+
+def test_the_tokenizer_round_trips_plans_and_has_a_chat_template(dataset):
+    corpus, _ = base_documents(_questions(dataset), BaseBuildSettings(errand_requests=300))
+    tokenizer = train_tokenizer(corpus, 600)
+    for example in dataset.test[:20]:
+        text = example.plan + END_OF_PLAN
+        assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+    assert tokenizer.chat_template and tokenizer.eos_token_id is not None and tokenizer.pad_token_id is not None
+
+
+def _folder_digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
+            if p.name != "base.json"}
+
+
+def test_the_build_repeats_exactly_for_a_seed_and_is_reused(dataset, tmp_path):
+    settings = BaseBuildSettings(vocab_size=500, errand_requests=150, pretrain_epochs=1, instruction_epochs=1,
+                                 learning_rate=1e-2, instruction_learning_rate=1e-2, sequence_length=64)
+    first = build_base(tmp_path / "first", _questions(dataset), TINY_LLAMA, settings, **QUIET)
+    second = build_base(tmp_path / "second", _questions(dataset), TINY_LLAMA, settings, **QUIET)
+    assert _folder_digest(first) == _folder_digest(second)  # weights and tokenizer, byte for byte
+    other_seed = build_base(tmp_path / "other", _questions(dataset), TINY_LLAMA,
+                            settings.model_copy(update={"seed": 1}), **QUIET)
+    assert _folder_digest(other_seed)["model.safetensors"] != _folder_digest(first)["model.safetensors"]
+    info = json.loads((first / "base.json").read_text())
+    assert info["pretrain_losses"] and info["instruction_losses"] and info["instruction_examples"] > 150
+    before = (first / "base.json").stat().st_mtime_ns
+    assert build_base(first, [], TINY_LLAMA, BaseBuildSettings(), **QUIET) == first
+    assert (first / "base.json").stat().st_mtime_ns == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
