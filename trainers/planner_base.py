@@ -89,6 +89,8 @@ class BaseBuildSettings(BaseModel):
     learning_rate: float = Field(1e-3, gt=0, lt=1)
     instruction_epochs: int = Field(1, ge=0, description="Instruction-tuning epochs, in the instruct format.")
     instruction_learning_rate: float = Field(1e-3, gt=0, lt=1)
+    snake_case_task: bool = Field(True, description="Instruct it to write questions as snake_case identifiers; "
+                                                    "off only to measure what that brings.")
     batch_size: int = Field(16, ge=1)
     sequence_length: int = Field(256, ge=16, description="Documents are packed into sequences this long.")
     seed: int = 0
@@ -114,7 +116,8 @@ def snake_case(text: str) -> str:
     return "_".join(_WORD.findall(text.lower()))
 
 
-def instruction_examples(questions: list[str], errands: list[ErrandRequest]) -> list[tuple[str, str]]:
+def instruction_examples(questions: list[str], errands: list[ErrandRequest],
+                         snake_case_task: bool = True) -> list[tuple[str, str]]:
     """(prompt, response) pairs in the instruct format:
     - the other domain's requests planned under the compact prompt;
     - general tasks over the request language, on the training questions and the other
@@ -129,7 +132,7 @@ def instruction_examples(questions: list[str], errands: list[ErrandRequest]) -> 
     repeat = [(render_prompt([("system", REPEAT_INSTRUCTION), ("user", f"Question: {text}")], INSTRUCTION_TEMPLATE),
                text) for text in texts[: len(questions)]]
     snake = [(render_prompt([("system", SNAKE_CASE_INSTRUCTION), ("user", f"Question: {text}")],
-                            INSTRUCTION_TEMPLATE), snake_case(text)) for text in texts]
+                            INSTRUCTION_TEMPLATE), snake_case(text)) for text in texts] if snake_case_task else []
     return plan + repeat + snake
 
 
@@ -226,7 +229,7 @@ def base_cache_dir(cache_root: Path, data_fingerprint: str, architecture: dict[s
 def base_documents(questions: list[str], settings: BaseBuildSettings) -> tuple[list[str], list[tuple[str, str]]]:
     """(pre-training corpus, instruction examples) of a base: everything it reads."""
     errands = errand_requests(settings.errand_requests, settings.seed)
-    return pretraining_corpus(questions, errands), instruction_examples(questions, errands)
+    return pretraining_corpus(questions, errands), instruction_examples(questions, errands, settings.snake_case_task)
 
 
 def build_base(target: Path, questions: list[str], architecture: dict[str, Any], settings: BaseBuildSettings,
