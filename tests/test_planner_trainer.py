@@ -263,10 +263,10 @@ def test_two_workers_score_the_whole_validation_split_and_keep_one_adapter(ray_2
 # seed 0, on the fixture's data from generator version 2. No plan succeeds yet at this size, but the
 # parse rate moves with every change to training or generation. Epochs 1-2 score a 10-example validation subset, epoch 3 the best adapter on 20.
 PLANNER_PINNED_SEED_0 = {
-    "train_loss": [3.285471041997274, 2.632412870724996, 2.399368683497111],
+    "train_loss": [3.7163808345794678, 3.3317551215489707, 3.1413427591323853],
     "plan_success": [0.0, 0.0, 0.0],
     "tool_set_accuracy": [0.0, 0.0, 0.0],
-    "plan_parse_rate": [0 / 10, 1 / 10, 2 / 20],
+    "plan_parse_rate": [0 / 10, 0 / 10, 0 / 20],
     "empty_output_rate": [0.0, 0.0, 0.0],
 }
 

@@ -69,8 +69,8 @@ _WORD = re.compile(r"[a-z0-9]+")
 def compact_system_prompt() -> str:
     """A short planner prompt stating the plan rules, for CPU-sized models.
 
-    The dataset's system prompt (tool signatures, guidelines, examples) is ~1,000 tokens and
-    the same for every record; training on it costs most of a laptop trial and teaches nothing
+    The dataset's system prompt (tool signatures, guidelines, examples) is 1,000 to 2,000
+    tokens and the same for every record; training on it costs most of a laptop trial and teaches nothing
     per example.
     """
     return (f"Plan the question as numbered tool calls. Refer to an earlier call's result as $id. "
@@ -128,11 +128,12 @@ def instruction_examples(questions: list[str], errands: list[ErrandRequest],
       them either (measured: bench/planner_learning.py)."""
     plan = [(render_prompt([("system", compact_system_prompt()), ("user", f"Question: {r.question}")],
                            INSTRUCTION_TEMPLATE), training_target(r.plan)) for r in errands]
-    texts = [q.removeprefix("Question: ") for q in questions] + [r.question for r in errands]
+    own = [q.removeprefix("Question: ") for q in questions]
     repeat = [(render_prompt([("system", REPEAT_INSTRUCTION), ("user", f"Question: {text}")], INSTRUCTION_TEMPLATE),
-               text) for text in texts[: len(questions)]]
+               text) for text in own]
     snake = [(render_prompt([("system", SNAKE_CASE_INSTRUCTION), ("user", f"Question: {text}")],
-                            INSTRUCTION_TEMPLATE), snake_case(text)) for text in texts] if snake_case_task else []
+                            INSTRUCTION_TEMPLATE), snake_case(text))
+             for text in own + [r.question for r in errands]] if snake_case_task else []
     return plan + repeat + snake
 
 
