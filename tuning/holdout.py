@@ -28,13 +28,18 @@ def _checkpoint(checkpoint_path: str, storage_path: str):
     return Checkpoint(checkpoint_path)
 
 
-def _score_one(model_name: str, checkpoint_path: str, storage_path: str, split_data: Any, cpus: float):
-    """Runs in a Ray task: fetch the checkpoint (local folder or cloud storage) and score it."""
+def _task_device(cpus: float):
+    """In a scoring task: torch's threads set to the task's CPUs, and its device."""
     import ray
     import torch
 
     torch.set_num_threads(max(1, int(cpus)))
-    device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
+    return torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
+
+
+def _score_one(model_name: str, checkpoint_path: str, storage_path: str, split_data: Any, cpus: float):
+    """Runs in a Ray task: fetch the checkpoint (local folder or cloud storage) and score it."""
+    device = _task_device(cpus)
     with _checkpoint(checkpoint_path, storage_path).as_directory() as directory:
         return MODELS[model_name].score_checkpoint(directory, split_data, device)
 
@@ -87,12 +92,7 @@ def score_trials_on_test(tracker: SearchTracker, spec: ModelSpec, split_data: An
 
 def _score_untuned(model_name: str, trainer_settings: dict[str, Any], split_data: Any, cpus: float):
     """Runs in a Ray task: the base model, no adapter, on one split."""
-    import ray
-    import torch
-
-    torch.set_num_threads(max(1, int(cpus)))
-    device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
-    return MODELS[model_name].score_untuned(trainer_settings, split_data, device)
+    return MODELS[model_name].score_untuned(trainer_settings, split_data, _task_device(cpus))
 
 
 def score_untuned_base(tracker: SearchTracker, spec: ModelSpec, trainer_settings: dict[str, Any],
