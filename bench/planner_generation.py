@@ -44,7 +44,9 @@ from trainers.data import load_dataset_dir  # noqa: E402
 from trainers.planner import (  # noqa: E402
     PlannerConfig, encode_train_split, generate_plans, load_tokenizer, prompt_ids,
 )
-from trainers.planner_base import pretraining_corpus, train_tokenizer  # noqa: E402
+from trainers.planner_base import (  # noqa: E402
+    BaseBuildSettings, base_documents, questions_of, random_model, train_tokenizer,
+)
 from trainers.tools import END_OF_PLAN  # noqa: E402
 
 LOCAL_PRESET = PROJECT / "search_spaces" / "presets" / "planner" / "local.yaml"
@@ -53,17 +55,11 @@ LOCAL_PRESET = PROJECT / "search_spaces" / "presets" / "planner" / "local.yaml"
 def _model_and_tokenizer(model_path: str | None, dataset, architecture: dict, vocab_size: int, folder: Path):
     from transformers import AutoModelForCausalLM
 
-    from trainers.models import config_from_dict
-
     if model_path:
         return AutoModelForCausalLM.from_pretrained(model_path).eval(), load_tokenizer(model_path), model_path
-    systems = [c for e in dataset.train for r, c in e.messages if r == "system"]
-    questions = [c for e in dataset.train for r, c in e.messages if r != "system"]
-    tokenizer = train_tokenizer(pretraining_corpus(systems, questions), vocab_size)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config_from_dict({
-        **architecture, "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id})).eval()
+    corpus, _ = base_documents(questions_of(dataset.train), BaseBuildSettings(vocab_size=vocab_size))
+    tokenizer = train_tokenizer(corpus, vocab_size)
+    model = random_model(tokenizer, architecture, seed=0).eval()
     tokenizer.save_pretrained(folder)
     return model, tokenizer, str(folder)
 

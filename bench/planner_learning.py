@@ -81,9 +81,6 @@ class FullFineTuning(planner.PlannerTrainer):
         model = AutoModelForCausalLM.from_pretrained(self.config.model_path, dtype=torch.float32)
         super().build(model)
 
-    def restore(self, state):  # pragma: no cover - the bench never resumes
-        raise NotImplementedError
-
 
 def run(name: str, trainer_class, trainer_settings: dict[str, Any], data: dict[str, Any]) -> list[dict[str, Any]]:
     config = planner.PlannerConfig.model_validate(trainer_settings)
@@ -99,21 +96,13 @@ def prompts_only_base(target: Path, dataset, architecture: dict[str, Any],
     read the prompts' in-context examples, and never wrote a plan)."""
     if (target / "config.json").exists():
         return target
-    from transformers import AutoModelForCausalLM
-
-    from trainers.models import config_from_dict
-
     systems = sorted({c for e in dataset.train for r, c in e.messages if r == "system"}
                      | {planner_base.compact_system_prompt()})
-    questions = [c for e in dataset.train for r, c in e.messages if r == "user"]
-    corpus = [s for s in systems for _ in range(24)] + questions
+    corpus = [s for s in systems for _ in range(24)] + planner_base.questions_of(dataset.train)
     tokenizer = planner_base.train_tokenizer(corpus, settings.vocab_size)
-    torch.manual_seed(settings.seed)
-    model = AutoModelForCausalLM.from_config(config_from_dict({
-        **architecture, "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}))
-    rows = planner_base._packed_rows(planner_base.document_pieces(tokenizer, corpus), settings.sequence_length,
-                                     settings.seed)
+    model = planner_base.random_model(tokenizer, architecture, settings.seed)
+    rows = planner_base.packed_rows(planner_base.document_pieces(tokenizer, corpus), settings.sequence_length,
+                                    settings.seed)
     planner_base.train_causal_lm(model, *rows, settings.pretrain_epochs + settings.instruction_epochs,
                                  settings.learning_rate, settings.batch_size, settings.seed, "prompts-only pre-training")
     model.save_pretrained(target)

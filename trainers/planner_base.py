@@ -154,7 +154,7 @@ def train_tokenizer(corpus: list[str], vocab_size: int):
     return wrapped
 
 
-def _packed_rows(pieces: list[tuple[list[int], list[int]]], sequence_length: int,
+def packed_rows(pieces: list[tuple[list[int], list[int]]], sequence_length: int,
                  seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(input ids, labels) of the shuffled pieces laid end to end and cut into rows of
     sequence_length. A piece is (ids, labels); IGNORE_INDEX labels are not learned."""
@@ -220,6 +220,19 @@ def train_causal_lm(model, inputs: torch.Tensor, labels: torch.Tensor, epochs: i
     return losses
 
 
+def random_model(tokenizer, architecture: dict[str, Any], seed: int):
+    """A causal LM of `architecture` with random weights (seeded) sized to `tokenizer`'s vocabulary
+    and special tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from trainers.models import config_from_dict
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config_from_dict({
+        **architecture, "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}))
+
+
 def base_cache_dir(cache_root: Path, data_fingerprint: str, architecture: dict[str, Any],
                    settings: BaseBuildSettings) -> Path:
     key = json.dumps({"data": data_fingerprint, "architecture": architecture, "settings": settings.model_dump(),
@@ -240,21 +253,14 @@ def build_base(target: Path, questions: list[str], architecture: dict[str, Any],
     questions: the training split's user messages (`Question: ...`), never their plans.
     The folder appears complete or not at all: it is written beside `target` and renamed.
     """
-    from transformers import AutoModelForCausalLM
-
-    from trainers.models import config_from_dict
-
     if (target / "base.json").exists():
         return target
     started = time.perf_counter()
     corpus, instructions = base_documents(questions, settings)
     tokenizer = train_tokenizer(corpus + [text for pair in instructions for text in pair], settings.vocab_size)
-    torch.manual_seed(settings.seed)
-    config = config_from_dict({**architecture, "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
-                               "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id})
-    model = AutoModelForCausalLM.from_config(config)
-    documents = _packed_rows(document_pieces(tokenizer, corpus), settings.sequence_length, settings.seed)
-    tuning = _packed_rows(instruction_pieces(tokenizer, instructions), settings.sequence_length, settings.seed + 1)
+    model = random_model(tokenizer, architecture, settings.seed)
+    documents = packed_rows(document_pieces(tokenizer, corpus), settings.sequence_length, settings.seed)
+    tuning = packed_rows(instruction_pieces(tokenizer, instructions), settings.sequence_length, settings.seed + 1)
     parameters = sum(p.numel() for p in model.parameters())
     progress(f"[base] building the local planner base in {target}: {parameters / 1e6:.1f}M parameters, "
              f"{len(tokenizer)} tokens in the vocabulary; it reads {documents[0].numel():,} tokens of "
