@@ -64,6 +64,8 @@ def figures(model: str, root: Path, search: Search) -> dict:
     searched = [r for r in search.trials if "full_budget_for" not in r.data.tags]
     result = {
         "wall_seconds": search.wall_seconds,
+        # The search's own clock starts after the data and any base build (a first run's cost).
+        "search_seconds": m.get("search_wall_seconds", float("nan")),
         "trials": len(searched),
         "stopped_early": sum(r.data.tags.get("stopped_early") == "true" for r in searched),
         "reruns": m.get("full_budget_reruns", 0.0),
@@ -140,7 +142,8 @@ def main() -> None:
                 result = figures(model, root, search)
                 by_seed[(seed, suffix)] = result
                 low, high = result[f"closest_test_{metric}_ci"]
-                print(f"[{model} seed {seed}{suffix}] {result['wall_seconds']:.0f} s, {result['trials']} trials "
+                print(f"[{model} seed {seed}{suffix}] {result['wall_seconds']:.0f} s ({result['search_seconds']:.0f} s "
+                      f"after the data and base), {result['trials']} trials "
                       f"({result['stopped_early']} stopped early), {result['reruns']:.0f} full-budget reruns in "
                       f"{result['rerun_seconds']:.0f} s, lanes busy {result['lane_utilisation']:.2f}; closest: "
                       f"validation distance {result['best_val_distance']:.3f}, test {metric} "
@@ -168,7 +171,8 @@ def main() -> None:
             print(f"  full-budget reruns: {spread([r['reruns'] for r in seeds])}, their seconds: "
                   f"{spread([r['rerun_seconds'] for r in seeds])}; share of the search's wall time: "
                   f"{spread([r['rerun_seconds'] / r['wall_seconds'] for r in seeds])}")
-            print(f"  search wall seconds: {spread([r['wall_seconds'] for r in seeds])}; lanes busy: "
+            print(f"  search wall seconds: {spread([r['wall_seconds'] for r in seeds])}, of which after the data and "
+                  f"base: {spread([r['search_seconds'] for r in seeds])}; lanes busy: "
                   f"{spread([r['lane_utilisation'] for r in seeds])}")
             if args.repeat >= 0:
                 first, again = by_seed[(args.repeat, "")], by_seed[(args.repeat, "-again")]

@@ -414,3 +414,21 @@ def test_a_long_search_leaks_nothing(soak_search, ray_2_cpus, mlflow_runs):
     assert max(len([c for c in run.glob("checkpoint_*") if c.is_dir()]) for run in runs) == 1
     disk = sum(f.stat().st_size for f in (soak_search["root"] / "storage").rglob("*") if f.is_file())
     print(f"\n[soak] {SOAK_TRIALS} trials, {disk / SOAK_TRIALS / 1e6:.2f} MB of Ray storage per trial")
+
+
+@pytest.mark.ray
+def test_a_lone_cpu_rerun_takes_the_idle_lanes_cpus_up_to_one_node(ray_2_cpus):
+    from types import SimpleNamespace
+
+    from tuning.ray_search import rerun_cpu_share
+
+    laptop = SimpleNamespace(trial_runner="in-process", gpus_per_worker=0, cpus_per_worker=1.0)
+    assert rerun_cpu_share(laptop, lanes=2, reruns=1) == 2
+    assert rerun_cpu_share(laptop, lanes=2, reruns=2) == 1
+    assert rerun_cpu_share(laptop, lanes=2, reruns=3) == 1
+    # More lanes than one node's CPUs: a trial cannot span nodes, so the node caps the share.
+    assert rerun_cpu_share(laptop, lanes=4, reruns=1) == 2
+    assert rerun_cpu_share(SimpleNamespace(**{**vars(laptop), "cpus_per_worker": 2.0}), lanes=2, reruns=1) == 1
+    # GPU trials and Train worker groups keep their size.
+    assert rerun_cpu_share(SimpleNamespace(**{**vars(laptop), "gpus_per_worker": 1.0}), lanes=2, reruns=1) == 1
+    assert rerun_cpu_share(SimpleNamespace(**{**vars(laptop), "trial_runner": "ray-train"}), lanes=2, reruns=1) == 1
