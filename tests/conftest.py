@@ -55,7 +55,7 @@ def ray_2_cpus():
     """A local Ray with 2 CPUs and the dashboard (Train needs it to clean up placement groups)."""
     import ray
 
-    from tuning.ray_search import start_ray
+    from tuning.cluster import start_ray
 
     start_ray(address=None, num_cpus=2)
     yield ray

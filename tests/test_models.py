@@ -75,7 +75,7 @@ def test_full_size_deberta_v3_small_architecture_trains_one_step_on_cpu():
 
 
 def test_gpu_trials_ask_ray_for_gpus_and_cpu_trials_do_not():
-    from tuning.ray_search import scaling_config
+    from tuning.trainables import scaling_config
 
     gpu = scaling_config(workers=2, cpus_per_worker=4, gpus_per_worker=1)
     assert gpu.use_gpu and gpu.num_workers == 2

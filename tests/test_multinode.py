@@ -30,7 +30,7 @@ def cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    from tuning.ray_search import LOCAL_RAY_ENV
+    from tuning.cluster import LOCAL_RAY_ENV
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True,
                                                             "dashboard_host": "127.0.0.1"})
@@ -208,7 +208,7 @@ def _in_background(prepared) -> tuple[threading.Thread, dict[str, Any]]:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_the_gpu_request_is_checked_against_the_nodes_logical_gpus(cluster):
-    from tuning.ray_search import infeasible_request
+    from tuning.cluster import infeasible_request
 
     assert infeasible_request(1, 1, 1) is None  # each worker node has one logical GPU
     problem = infeasible_request(1, 1, 2)
@@ -227,9 +227,11 @@ def test_trials_run_on_the_only_node_that_holds_their_request(cluster, tmp_path,
     prepared = _search_on(head_cluster.address, tmp_path, 2, 2, "--cpus-per-worker", "2")
     # 4 CPUs in all, but only one node holds a 2-CPU worker: one trial at a time, not two whose
     # second waits for a worker group that cannot start.
-    from tuning.ray_search import default_concurrency
+    from tuning.cluster import default_concurrency
 
-    assert default_concurrency(prepared.request) == 1
+    request = prepared.request
+    assert default_concurrency(workers_per_trial=request.workers_per_trial, cpus_per_worker=request.cpus_per_worker,
+                               gpus_per_worker=request.gpus_per_worker) == 1
     runner, outcome = _in_background(prepared)
     nodes_seen: set[str] = set()
     deadline = time.time() + 600

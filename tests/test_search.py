@@ -420,7 +420,7 @@ def test_a_long_search_leaks_nothing(soak_search, ray_2_cpus, mlflow_runs):
 def test_a_lone_cpu_rerun_takes_the_idle_lanes_cpus_up_to_one_node(ray_2_cpus):
     from types import SimpleNamespace
 
-    from tuning.ray_search import rerun_cpu_share
+    from tuning.cluster import rerun_cpu_share
 
     laptop = SimpleNamespace(trial_runner="in-process", gpus_per_worker=0, cpus_per_worker=1.0)
     assert rerun_cpu_share(laptop, lanes=2, reruns=1) == 2

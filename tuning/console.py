@@ -92,12 +92,11 @@ def link_ray_logs(folder: Path) -> Path | None:
 
     On a cluster the link shows the head node's logs; each node keeps its own workers' logs.
     """
-    from ray._private import worker
+    from tuning.cluster import session_logs_dir
 
-    node = getattr(worker, "_global_node", None)
-    if node is None:  # connected to a running cluster: its session folder is on the head node
+    target = session_logs_dir()
+    if target is None:  # connected to a running cluster: its session folder is on the head node
         return None
-    target = Path(node.get_logs_dir_path())
     link = folder / RAY_LOGS_LINK
     if link.is_symlink() or link.exists():
         link.unlink()

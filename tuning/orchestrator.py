@@ -169,7 +169,7 @@ def check_options(args: argparse.Namespace) -> Locations:
     elif not tracking_uri.startswith(("http://", "https://", "databricks")):
         raise UserError(f"--tracking-uri {tracking_uri}: expected sqlite:////abs/path.db or http(s)://host:port")
     if args.address:
-        from tuning.ray_search import check_address
+        from tuning.cluster import check_address
 
         problem = check_address(args.address)
         if problem:
@@ -590,7 +590,7 @@ def _search_and_score(prepared: PreparedSearch, tracker, resumed_counts, started
 
     request, status, budget = prepared.request, "FAILED", None
     progress = SearchProgress(tracker, request.num_samples,
-                              request.max_concurrent or ray_search.default_concurrency(request),
+                              ray_search.lanes(request),
                               request.time_budget_s, log_file, started=started)
     try:
         callbacks = [tracker.callback(prepared.trial_params), progress]
@@ -618,7 +618,7 @@ def execute(prepared: PreparedSearch) -> int:
     import ray
     from mlflow.exceptions import MlflowException
 
-    from tuning import console, ray_search
+    from tuning import cluster, console
 
     request = prepared.request
     search_log = console.route_logs(request.verbose)
@@ -627,11 +627,11 @@ def execute(prepared: PreparedSearch) -> int:
         _build_base(prepared)
     # The search's clock, as Tune's time budget counts: the base build is reported apart.
     started = time.time()
-    started_ray = ray_search.start_ray(request.address, verbose=request.verbose)
+    started_ray = cluster.start_ray(request.address, verbose=request.verbose)
     try:
         # Before anything is written: a request no node can hold would leave every trial
         # PENDING forever.
-        problem = ray_search.infeasible_request(request.workers_per_trial, request.cpus_per_worker,
+        problem = cluster.infeasible_request(request.workers_per_trial, request.cpus_per_worker,
                                                 request.gpus_per_worker)
         if problem:
             raise UserError(problem)
@@ -643,7 +643,7 @@ def execute(prepared: PreparedSearch) -> int:
         outcome = _search_and_score(prepared, tracker, resumed_counts, started, log_file)
     finally:
         if started_ray:
-            ray_search.wait_for_placement_groups()
+            cluster.wait_for_placement_groups()
             ray.shutdown()
     try:
         outcome.family_bests = tracker.best_per_family(prepared.spec.task, prepared.dataset.split_fingerprint)
@@ -685,10 +685,10 @@ def _say_where_ray_is(started_ray: bool, logs: Path, log_file: Path, verbose: bo
     """The Ray phase line: which Ray, where its dashboard and the logs are."""
     import ray
 
-    from tuning import console
+    from tuning import cluster, console
 
     context = ray.get_runtime_context()
-    dashboard = ray._private.worker.get_dashboard_url() if started_ray else None
+    dashboard = cluster.dashboard_address() if started_ray else None
     cpus = int(ray.cluster_resources().get("CPU", 0))
     where = "started a local Ray" if started_ray else f"connected to the Ray cluster at {context.gcs_address}"
     print(f"[ray] {where} ({cpus} CPUs" + (f", dashboard http://{dashboard}" if dashboard else "") + ")", flush=True)

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from tuning.config import UserError
-from tuning.ray_search import storage_join, train_run_name, tune_run_path
+from tuning.cluster import tuner_run_config
+from tuning.storage import storage_join, train_run_name, tune_run_path
 from tuning.tracking import latest_search, redact_uri, sqlite_path
 
 # The parent-run tag naming the search's Tune run (its folder under STORAGE/tune).
@@ -82,13 +83,13 @@ def restored_tuner(request, trainable, callbacks: list[Any], budget):
     and every trial's state come back from its saved state; ended trials stay as they ended."""
     from ray import tune
 
-    tuner = tune.Tuner.restore(tune_run_path(request), trainable, resume_unfinished=True, resume_errored=False)
+    tuner = tune.Tuner.restore(tune_run_path(request.storage_path, request.tune_run_name), trainable, resume_unfinished=True, resume_errored=False)
     # Callbacks and stoppers are pickled with the original run, bound to the dead driver's
     # tracker; this driver's take their place.
-    run_config = tuner._local_tuner.get_run_config()
+    run_config = tuner_run_config(tuner)
     run_config.callbacks, run_config.stop = callbacks, budget.stopper
     run_config.verbose = 1 if request.verbose else 0
-    print(f"[search] resuming {request.tune_run_name} from {tune_run_path(request)}", flush=True)
+    print(f"[search] resuming {request.tune_run_name} from {tune_run_path(request.storage_path, request.tune_run_name)}", flush=True)
     return tuner
 
 
