@@ -148,7 +148,7 @@ def main() -> None:
                       f"{result['rerun_seconds']:.0f} s, lanes busy {result['lane_utilisation']:.2f}; closest: "
                       f"validation distance {result['best_val_distance']:.3f}, test {metric} "
                       f"{result[f'closest_test_{metric}']:.3f} [{low:.3f}, {high:.3f}]", flush=True)
-                print(f"  templates on test: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(result["templates"].items())),
+                print("  templates on test: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(result["templates"].items())),
                       flush=True)
                 print(f"  {result['template_answer']}", flush=True)
                 if model == "toolrag":
@@ -162,7 +162,7 @@ def main() -> None:
             for template in sorted({t for r in seeds for t in r["templates"]}):
                 print(f"  `{template}` best full-budget test {metric}: "
                       f"{spread([r['templates'].get(template) for r in seeds])}")
-            print(f"  template difference (best two, paired): {spread([r['template_difference'] for r in seeds])}")
+            print("  template difference (best two, paired): {spread([r['template_difference'] for r in seeds])}")
             if model == "toolrag":
                 for side in ("lowest", "closest"):
                     print(f"  {side} pos_weight: {spread([r[f'pos_weight_{side}'][0] for r in seeds])}, its test "

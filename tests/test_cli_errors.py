@@ -203,7 +203,7 @@ def test_the_command_itself_prints_only_that_line(case, tmp_path):
 def test_an_existing_store_file_is_writable_but_a_file_as_a_folder_is_not(tmp_path):
     """A second search in the same results folder reuses its sqlite file."""
     from tuning.config import UserError
-    from tuning.orchestrator import _check_writable
+    from tuning.prepare import _check_writable
 
     store = tmp_path / "mlflow.db"
     store.write_bytes(b"")
@@ -213,7 +213,7 @@ def test_an_existing_store_file_is_writable_but_a_file_as_a_folder_is_not(tmp_pa
 
 
 def test_uris_are_logged_without_credentials():
-    from tuning.orchestrator import redact_uri
+    from tuning.mlflow_store import redact_uri
 
     assert redact_uri("s3://bucket/runs?access_key=AKIAFAKE&secret_key=s3cr3t") == \
         "s3://bucket/runs?access_key=REDACTED&secret_key=REDACTED"
@@ -226,7 +226,7 @@ def test_uris_are_logged_without_credentials():
 def interrupted_search(tmp_path) -> tuple[Path, list[str]]:
     """A results folder as a killed `--smoke` search leaves it before Tune saved any state:
     its data and an MLflow parent run still RUNNING, with the params that search logged."""
-    from tuning.orchestrator import prepare
+    from tuning.prepare import prepare
     from tuning.search import parse_args
     from tuning.tracking import SearchTracker
 
@@ -285,7 +285,7 @@ def test_a_search_that_cannot_be_resumed_is_refused_before_anything_changes(case
 def test_prepare_seeds_every_trial_and_keeps_the_test_split_from_the_trials(small_data_dir, tmp_path):
     """What the trials receive: --seed in their settings, train and validation data, and no
     test example; the test split waits for the scoring after the search."""
-    from tuning.orchestrator import prepare
+    from tuning.prepare import prepare
     from tuning.search import parse_args
 
     args = parse_args(["--model", "toolrag", "--smoke", "--data", str(small_data_dir), "--seed", "7",

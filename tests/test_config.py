@@ -429,7 +429,7 @@ def test_the_paper_presets_values_for_searched_keys_are_the_first_trial(model):
 
 
 def test_smoke_runs_a_presets_own_smoke_variant_or_the_tiny_transformer():
-    from tuning.orchestrator import smoke_preset
+    from tuning.prepare import smoke_preset
 
     assert smoke_preset("toolrag", "linear") == "linear-smoke"
     assert smoke_preset("toolrag", "linear-smoke") == "linear-smoke", "a smoke preset is its own smoke run"

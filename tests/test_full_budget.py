@@ -8,7 +8,7 @@ import pytest
 
 from trainers.evaluation import mcnemar_exact, paired_difference_interval, wilson_interval
 from tuning import full_budget
-from tuning.tracking import TrialRecord
+from tuning.trial_records import TrialRecord
 
 SPACE = {"pos_weight": {"type": "loguniform", "low": 1.0, "high": 150.0},
          "prompt_template": {"type": "choice", "values": ["query", "question", "instruction"]}}
@@ -61,9 +61,9 @@ def test_a_value_no_trial_tried_borrows_the_closest_trials_configuration_and_the
 def test_a_trial_scored_on_a_validation_subset_only_is_not_full_budget():
     planner_like = record("p1", "query", 1.0, 1.0, 3, stopped=False)
     planner_like.best["full_validation_set"] = 0.0
-    assert not full_budget.full_budget(planner_like)
-    assert full_budget.full_budget(record("p2", "query", 1.0, 1.0, 3, stopped=False))
-    assert not full_budget.full_budget(record("p3", "query", 1.0, 1.0, 1, stopped=True))
+    assert not planner_like.full_budget
+    assert record("p2", "query", 1.0, 1.0, 3, stopped=False).full_budget
+    assert not record("p3", "query", 1.0, 1.0, 1, stopped=True).full_budget
 
 
 def test_the_template_comparison_pairs_the_best_two_values_on_the_same_test_examples():

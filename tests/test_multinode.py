@@ -182,7 +182,7 @@ def test_a_lost_node_resumes_the_trial_from_its_last_checkpoint(cluster, small_d
 def _search_on(cluster_address: str, tmp_path: Path, epochs: int, num_samples: int, *flags: str):
     """A tiny ToolRAG search as `search.py --address` runs it, prepared in this process (which is
     connected to the fake cluster) so the test can act on the cluster while it runs."""
-    from tuning.orchestrator import prepare
+    from tuning.prepare import prepare
     from tuning.search import parse_args
 
     preset = {**TINY_TOOLRAG, "trainer": {**TINY_TOOLRAG["trainer"], "epochs": epochs},
@@ -197,7 +197,7 @@ def _search_on(cluster_address: str, tmp_path: Path, epochs: int, num_samples: i
 
 
 def _in_background(prepared) -> tuple[threading.Thread, dict[str, Any]]:
-    from tuning.orchestrator import execute
+    from tuning.execute import execute
 
     outcome: dict[str, Any] = {}
     runner = threading.Thread(target=lambda: outcome.update(code=execute(prepared)), daemon=True)

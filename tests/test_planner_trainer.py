@@ -323,3 +323,49 @@ def test_a_tiny_planner_trial_is_reproducible_from_its_seed_and_its_figures_are_
         # Counts of examples: allow one example's worth of difference from a kernel's rounding.
         torch.testing.assert_close(figures, PLANNER_PINNED_SEED_0[key], rtol=0,
                                    atol=1.0 / min(e["eval_examples"] for e in first))
+
+
+
+def test_a_planner_trial_whose_epochs_tie_shows_tests_and_registers_one_epoch(built_base, dataset, tmp_path):
+    """One rule for "best" (trainers/selection.py). A tiny planner's first epochs tie (no plan
+    parses yet: see PLANNER_PINNED_SEED_0), and ASHA stops the trial after epoch 2, before the
+    whole-split score. The trainer checkpoints the later of the tied epochs; the figures the
+    closing table shows, the checkpoint the test split scores and the registered version must
+    all be that epoch's."""
+    from trainers.epoch_loop import load_trainer_state
+    from trainers.planner import train_fn_per_worker
+    from trainers.registry import MODELS
+    from tuning.closing_table import format_table
+    from tuning.tracking import SearchTracker
+
+    settings = _config(built_base, epochs=3, batch_size=8, micro_batch_size=8, learning_rate=5e-3,
+                       max_train_examples=48, eval_subset_size=10, max_eval_examples=20, sample_plans=0,
+                       seed=0).model_dump()
+    loop_config = {"trainer": settings, "data": {"train": _examples(dataset, "train", 300),
+                                                 "val": _examples(dataset, "val", 100)}, "data_fingerprint": "tie"}
+    reports = run_in_process(train_fn_per_worker, loop_config, tmp_path / "run", stop_after_epoch=2)
+    keys = [(r["paper_distance"], r["tool_set_accuracy"], r["plan_parse_rate"]) for r in reports]
+    assert len(reports) == 2 and keys[0] == keys[1], f"the epochs must tie for this test to mean anything: {keys}"
+    assert [r["best_so_far"] for r in reports] == [1.0, 1.0] and reports[1]["best_epoch"] == 2
+
+    tracker = SearchTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "tie", max_epochs=3,
+                            artifact_location=(tmp_path / "artifacts").as_uri())
+    tracker.start_parent("parent", {}, {}, [])
+    tracker.trial_started("t1", {"prompt_template": "instruct"}, {})
+    for report in reports:
+        tracker.trial_result("t1", report)
+    tracker.trial_ended("t1", "FINISHED")
+    record = tracker.trials["t1"]
+
+    assert record.stopped_early and record.best_epoch == 2
+    assert record.best == reports[1]
+    # The checkpoint test scoring loads, and the registry copies, is the one epoch 2 wrote.
+    assert load_trainer_state(record.checkpoint_path)["epoch"] == 2
+    spec = MODELS["planner"]
+    row = format_table([record], spec, spec.paper_figures(TARGETS, {}), "title").splitlines()[-1]
+    assert row.split()[-2] == "2", row  # the epoch column, before the params
+    version = tracker.mark_closest(1, "tie-planner")
+    registered = tracker.client.get_model_version("tie-planner", version)
+    assert registered.tags["epoch"] == "2"
+    outputs = tracker.client.get_run(record.run_id).outputs.model_outputs
+    assert [output.step for output in outputs] == [2]

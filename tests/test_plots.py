@@ -20,8 +20,8 @@ from tuning.plots import (
     figure_png,
     search_figures,
 )
-from tuning.report import pareto_front
-from tuning.tracking import TrialRecord
+from tuning.trial_records import pareto_front
+from tuning.trial_records import TrialRecord
 
 TOOLRAG = MODELS["toolrag"]
 PLANNER = MODELS["planner"]

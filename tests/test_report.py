@@ -1,79 +1,83 @@
-"""The closing table and the Pareto front."""
+"""The report page and the MLflow description, built from a store the SearchTracker wrote (no Ray)."""
 
 from __future__ import annotations
 
-from trainers.registry import MODELS
-from tuning.report import format_table, pareto_front
-from tuning.tracking import TrialRecord
+import json
+import re
 
-TARGETS = {"tool_recall": {"value": 0.99, "tolerance": 0.01}, "tool_count": {"value": 3.97, "tolerance": 0.1}}
-TOOLRAG = MODELS["toolrag"]
-PAPER = TOOLRAG.paper_figures(TARGETS, {})
+from tuning.mlflow_store import NOTE_TAG
+from tuning.report import markdown_note, publish, report_path
+from tuning.tracking import SearchTracker
 
-
-def _record(trial_id: str, recall: float, count: float, low: float, high: float) -> TrialRecord:
-    record = TrialRecord(trial_id, f"run-{trial_id}", {"pos_weight": 60.0})
-    record.best = {"tool_recall": recall, "tool_count": count, "tool_recall_ci_low": low, "tool_recall_ci_high": high,
-                   "tool_count_ci_low": count - 0.1, "tool_count_ci_high": count + 0.1, "paper_distance": 1.0,
-                   "epoch": 2}
-    return record
+SPACE = {"pos_weight": {"type": "loguniform", "low": 1.0, "high": 100.0},
+         "prompt_template": {"type": "choice", "values": ["query", "instruction"]}}
+TARGETS = {"tool_recall": {"value": 0.99, "tolerance": 0.01},
+           "tool_count": {"value": 1.0, "tolerance": 0.1, "relative_to": "gold_tool_count"}}
 
 
-def test_pareto_front_keeps_only_undominated_trials():
-    a = _record("a", 0.99, 4.0, 0.98, 1.0)   # best recall
-    b = _record("b", 0.90, 2.5, 0.85, 0.93)  # fewest tools
-    c = _record("c", 0.89, 3.0, 0.85, 0.93)  # worse than b on both: dominated
-    d = _record("d", 0.99, 4.5, 0.98, 1.0)   # same recall as a, more tools: dominated
-    e = _record("e", 0.95, 3.2, 0.93, 0.97)  # between a and b: on the front
-    assert [r.trial_id for r in pareto_front([a, b, c, d, e], TOOLRAG.pareto)] == ["a", "e", "b"]
+def _search(tmp_path, trials: dict[str, tuple[float, float, str] | None]) -> SearchTracker:
+    """A finished search: {trial: (pos_weight, recall, template), or None for a trial that failed}."""
+    tracker = SearchTracker(f"sqlite:///{tmp_path / 'm.db'}", "exp", max_epochs=2,
+                            artifact_location=(tmp_path / "artifacts").as_uri())
+    tracker.start_parent("search-1", {"model_name": "toolrag", "search_space": json.dumps(SPACE),
+                                      "paper_targets": json.dumps(TARGETS), "objective": "distance"}, {}, [])
+    for trial_id, figures in trials.items():
+        if figures is None:
+            tracker.trial_ended(trial_id, "FAILED", "ValueError: broken", {"pos_weight": 2.0}, {})
+            continue
+        pos_weight, recall, template = figures
+        tracker.trial_started(trial_id, {"pos_weight": pos_weight, "prompt_template": template}, {"epochs": 2})
+        for epoch in (1, 2):  # the second epoch reaches `recall`
+            count, reached = 2.0 + pos_weight / 10, recall - 0.1 * (2 - epoch)
+            tracker.trial_result(trial_id, {
+                "epoch": epoch, "tool_recall": reached, "tool_recall_ci_low": reached - 0.2,
+                "tool_recall_ci_high": min(reached + 0.02, 1.0), "tool_count": count, "tool_count_ci_low": count - 0.2,
+                "tool_count_ci_high": count + 0.2, "gold_tool_count": 2.9, "paper_distance": abs(reached - 0.99) / 0.01})
+        tracker.trial_ended(trial_id, "FINISHED")
+    tracker.mark_closest(2, "reg")
+    tracker.finish_parent("FINISHED", {"trials_finished": len(trials), "trials_failed": 0, "search_wall_seconds": 60.0,
+                                       "trials_stopped_early": 0, "trials_scored_on_test": 0})
+    return tracker
 
 
-def _tested(record: TrialRecord, recall: float, count: float, low: float, high: float) -> TrialRecord:
-    record.test = {"tool_recall": recall, "tool_count": count, "tool_recall_ci_low": low, "tool_recall_ci_high": high,
-                   "tool_count_ci_low": count - 0.1, "tool_count_ci_high": count + 0.1, "paper_distance": 2.0}
-    return record
+def test_the_page_and_the_description_show_the_closest_trial_linked_and_every_plot(tmp_path):
+    tracker = _search(tmp_path, {"low": (1.2, 0.70, "query"), "mid": (12.0, 0.97, "instruction"),
+                                 "high": (80.0, 0.995, "query"), "bad": None})
+    page = publish(tracker.tracking_uri, "exp", tracker.parent_run_id, tmp_path / "results", closing_text="TABLE")
+    assert page == report_path(tmp_path / "results", "search-1") and page.is_file()
+    run = tracker.client.get_run(tracker.parent_run_id)
+    note = run.data.tags[NOTE_TAG]
+    high = tracker.trials["high"]
+    assert note.startswith(f"**Closest to the paper (chosen on validation):** trial [high](#/experiments/"
+                           f"{tracker.experiment_id}/runs/{high.run_id}?workflowType=machine_learning)")
+    # Two ranked (the top-k the search tagged), in validation order.
+    linked = re.findall(r"^\| \d+ \| \[(\w+)\]", note, flags=re.MULTILINE)
+    assert linked == ["high", "mid"]
+    assert "| instruction | 0.970 [0.770, 0.990] | not scored | mid | 1 |" in note
+    plots = {a.path.split("/")[-1] for a in tracker.client.list_artifacts(tracker.parent_run_id, "plots")}
+    assert {"optimisation_history.png", "pos_weight.png", "templates.png", "epoch_curves.png", "slices.png",
+            "param_importances.png"} == plots
+    html = page.read_text()
+    assert html.count("<img ") == len(plots) and "<pre>TABLE</pre>" in html
+    assert f"http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs/{high.run_id}?workflowType=machine_learning" in html
+    assert not list(page.parent.glob("*.partial"))
 
 
-def test_a_relative_count_target_is_placed_with_the_test_splits_own_gold_count():
-    """On generated data the count target is gold + 1: a test interval [3.9, 4.1] holds it when
-    the test examples need 3.0 tools, not when they need 2.5 (where 3.97 would have been 'inside')."""
-    relative = {"tool_recall": TARGETS["tool_recall"],
-                "tool_count": {"value": 1.0, "tolerance": 0.1, "relative_to": "gold_tool_count"}}
-    paper = TOOLRAG.paper_figures(relative, {})
-    needs_three = _tested(_record("three", 0.99, 4.0, 0.98, 1.0), 0.99, 4.0, 0.98, 1.0)
-    needs_three.test["gold_tool_count"] = 3.0
-    needs_less = _tested(_record("less", 0.99, 4.0, 0.98, 1.0), 0.99, 4.0, 0.98, 1.0)
-    needs_less.test["gold_tool_count"] = 2.5
-    lines = format_table([needs_three, needs_less], TOOLRAG, paper, "title").splitlines()
-    assert "tool_count gold + 1" in lines[1]
-    assert next(line for line in lines if "three" in line).split().count("yes") == 2
-    row_less = next(line for line in lines if " less " in line).split()
-    assert row_less.count("yes") == 1 and row_less.count("no") == 1
+def test_a_search_where_every_trial_failed_still_gets_a_page_that_says_so(tmp_path):
+    tracker = _search(tmp_path, {"bad1": None, "bad2": None})
+    page = publish(tracker.tracking_uri, "exp", tracker.parent_run_id, tmp_path / "results")
+    assert "No trial produced a result" in page.read_text() and "<img " not in page.read_text()
+    note = tracker.client.get_run(tracker.parent_run_id).data.tags[NOTE_TAG]
+    assert note.startswith("**No trial produced a result.**")
+    assert not tracker.client.list_artifacts(tracker.parent_run_id, "plots")
 
 
-def test_table_says_whether_the_paper_figure_is_inside_each_test_interval():
-    """The paper-in-CI verdict is about the test interval, never the validation one the trial
-    was selected on: here the validation figures would say the opposite."""
-    inside = _tested(_record("inside", 0.90, 2.0, 0.88, 0.92), 0.985, 3.95, 0.975, 0.995)
-    outside = _tested(_record("outside", 0.985, 3.95, 0.975, 0.995), 0.90, 2.0, 0.88, 0.92)
-    untested = _record("untested", 0.985, 3.95, 0.975, 0.995)
-    lines = format_table([inside, outside, untested], TOOLRAG, PAPER, "title").splitlines()
-    row_inside = next(line for line in lines if "inside" in line)
-    row_outside = next(line for line in lines if "outside" in line)
-    row_untested = next(line for line in lines if "untested" in line)
-    assert row_inside.split().count("yes") == 2 and "0.985 [0.975, 0.995]" in row_inside
-    assert row_outside.split().count("no") == 2 and "0.900 [0.880, 0.920]" in row_outside
-    assert "not scored" in row_untested and "yes" not in row_untested.split()
+def test_the_description_stays_within_what_mlflow_keeps(tmp_path):
+    from tuning.report import NOTE_LIMIT, load_search
 
-
-def test_the_untuned_row_shows_both_splits_the_interval_and_the_cut_prompts():
-    from tuning.report import format_untuned
-
-    planner = MODELS["planner"]
-    paper = planner.paper_figures({"plan_success": {"value": 0.78, "tolerance": 0.03}}, {})
-    line = format_untuned(planner, {"val": {"plan_success": 0.05},
-                                    "test": {"plan_success": 0.1, "plan_success_ci_low": 0.06,
-                                             "plan_success_ci_high": 0.15, "eval_examples": 200.0,
-                                             "prompts_cut": 12.0}}, paper)
-    assert "val plan_success 0.050, test 0.100 [0.060, 0.150], paper in: no" in line
-    assert "200 test examples, 12 of their prompts cut to the base's context" in line
+    trials = {f"t{i:02d}": (1.0 + i, 0.5 + i / 100, "query" if i % 2 else "instruction" + "x" * 300) for i in range(40)}
+    tracker = _search(tmp_path, trials)
+    view = load_search(tracker.client, "exp", tracker.parent_run_id)
+    view.top_k = 40
+    note = markdown_note(view, None)
+    assert len(note) <= NOTE_LIMIT and note.endswith("(cut; see the report page)")

@@ -17,7 +17,8 @@ SMOKE_SEED = "1"
 @pytest.fixture(scope="module")
 def smoke_search(ray_2_cpus, tmp_path_factory):
     """Run the --smoke search in this process, on the test's Ray, so Ray's state can be checked after."""
-    from tuning.orchestrator import execute, prepare
+    from tuning.execute import execute
+    from tuning.prepare import prepare
     from tuning.search import parse_args
 
     root = tmp_path_factory.mktemp("smoke")
@@ -327,7 +328,8 @@ def test_the_linear_baseline_runs_as_a_search_recorded_like_the_transformer(smok
     per trial (plus its own settings), its fitted pipeline registered under its own name, and
     the closing table putting the best of each model side by side."""
     from trainers.toolrag_linear import load_checkpoint
-    from tuning.orchestrator import execute, prepare
+    from tuning.execute import execute
+    from tuning.prepare import prepare
     from tuning.search import parse_args
 
     root = smoke_search["root"]
@@ -377,7 +379,8 @@ def test_the_linear_baseline_runs_as_a_search_recorded_like_the_transformer(smok
 def soak_search(ray_2_cpus, tmp_path_factory):
     """30 tiny trials with early stopping, on the test's Ray, so leaks can be counted after; the
     laptop default's in-process runner, whose processes Tune reuses from trial to trial."""
-    from tuning.orchestrator import execute, prepare
+    from tuning.execute import execute
+    from tuning.prepare import prepare
     from tuning.search import parse_args
 
     root = tmp_path_factory.mktemp("soak")
@@ -415,20 +418,3 @@ def test_a_long_search_leaks_nothing(soak_search, ray_2_cpus, mlflow_runs):
     disk = sum(f.stat().st_size for f in (soak_search["root"] / "storage").rglob("*") if f.is_file())
     print(f"\n[soak] {SOAK_TRIALS} trials, {disk / SOAK_TRIALS / 1e6:.2f} MB of Ray storage per trial")
 
-
-@pytest.mark.ray
-def test_a_lone_cpu_rerun_takes_the_idle_lanes_cpus_up_to_one_node(ray_2_cpus):
-    from types import SimpleNamespace
-
-    from tuning.cluster import rerun_cpu_share
-
-    laptop = SimpleNamespace(trial_runner="in-process", gpus_per_worker=0, cpus_per_worker=1.0)
-    assert rerun_cpu_share(laptop, lanes=2, reruns=1) == 2
-    assert rerun_cpu_share(laptop, lanes=2, reruns=2) == 1
-    assert rerun_cpu_share(laptop, lanes=2, reruns=3) == 1
-    # More lanes than one node's CPUs: a trial cannot span nodes, so the node caps the share.
-    assert rerun_cpu_share(laptop, lanes=4, reruns=1) == 2
-    assert rerun_cpu_share(SimpleNamespace(**{**vars(laptop), "cpus_per_worker": 2.0}), lanes=2, reruns=1) == 1
-    # GPU trials and Train worker groups keep their size.
-    assert rerun_cpu_share(SimpleNamespace(**{**vars(laptop), "gpus_per_worker": 1.0}), lanes=2, reruns=1) == 1
-    assert rerun_cpu_share(SimpleNamespace(**{**vars(laptop), "trial_runner": "ray-train"}), lanes=2, reruns=1) == 1

@@ -9,7 +9,8 @@ PER_EPOCH = ("paper_distance", "tool_recall", "tool_count", "train_loss")
 
 
 def _search(root, seed: int) -> dict:
-    from tuning.orchestrator import execute, prepare
+    from tuning.execute import execute
+    from tuning.prepare import prepare
     from tuning.search import parse_args
 
     uri = f"sqlite:///{root / 'mlflow.db'}"

@@ -11,7 +11,7 @@ from tuning.search import parse_args
 
 
 def _prepare(data_dir, results_dir, capsys):
-    from tuning.orchestrator import prepare
+    from tuning.prepare import prepare
 
     prepared = prepare(parse_args(["--model", "toolrag", "--smoke", "--data", str(data_dir),
                                    "--results-dir", str(results_dir)]))

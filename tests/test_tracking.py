@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+from tuning.mlflow_store import best_per_family
 from tuning.tracking import SearchTracker
 
 
@@ -175,7 +176,7 @@ def test_each_familys_best_is_found_across_experiments_on_the_same_data_split_on
     other_task = search("planner-search", "transformer", "split-a", task="planner")
     _toolrag_trial(other_task, "p-other-task", 0.1)
 
-    bests = transformer.best_per_family("toolrag", "split-a")
+    bests = best_per_family(transformer.client, "toolrag", "split-a")
     assert [(b["family"], b["trial_id"], b["experiment"]) for b in bests] == [
         ("linear", "l-near", "linear-search"), ("transformer", "t-near", "transformer-search")]
     assert bests[0]["validation"]["paper_distance"] == 2.0 and bests[0]["test"] is None
@@ -183,7 +184,8 @@ def test_each_familys_best_is_found_across_experiments_on_the_same_data_split_on
 
 
 def test_the_experiment_opens_in_the_training_view_and_trials_are_named_by_their_settings(tmp_path):
-    from tuning.tracking import model_development_experiment, trial_run_name
+    from tuning.mlflow_store import model_development_experiment
+    from tuning.tracking import trial_run_name
 
     tracker = _tracker(tmp_path)
     experiment = tracker.client.get_experiment(tracker.experiment_id)
@@ -200,7 +202,7 @@ def test_the_experiment_opens_in_the_training_view_and_trials_are_named_by_their
 
 
 def test_the_splits_are_dataset_inputs_of_the_parent_and_of_each_trial_as_it_uses_them(tmp_path):
-    from tuning.tracking import TEST_CONTEXT, TRAIN_CONTEXT, VALIDATION_CONTEXT, dataset_input
+    from tuning.mlflow_store import TEST_CONTEXT, TRAIN_CONTEXT, VALIDATION_CONTEXT, dataset_input
 
     tracker = SearchTracker(f"sqlite:///{tmp_path / 'm.db'}", "exp", max_epochs=3)
     tracker.datasets = {context: dataset_input(f"data/{context}", context, f"digest-{context}", "/data", rows)

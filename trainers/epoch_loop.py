@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 
 from trainers import metric_names as names
+from trainers import selection
 from trainers.batching import all_reduce_sum
 
 TRAINER_STATE_FILE = "trainer_state.pt"
@@ -187,15 +188,18 @@ class EpochTrainer:
 
     def __init__(self, config):
         self.config = config  # needs `epochs` and `seed`
-        # The best validation distance so far: what `best_epoch_so_far` compares with.
-        self.best_distance = math.inf
+        # The best epoch so far and its `selection.epoch_key`: what `best_epoch_so_far` compares with.
+        self.best_key: tuple[float, ...] | None = None
+        self.best_epoch = 0
 
-    def best_epoch_so_far(self, metrics: dict[str, Any]) -> Evaluation:
-        """An evaluation whose epoch is the best when its distance to the paper is the lowest so
-        far; adds `best_paper_distance`. Models with another rule (the planner) keep their own."""
-        improved = metrics[names.PAPER_DISTANCE] < self.best_distance
-        self.best_distance = min(self.best_distance, metrics[names.PAPER_DISTANCE])
-        metrics[names.BEST_PAPER_DISTANCE] = self.best_distance
+    def best_epoch_so_far(self, epoch: int, metrics: dict[str, Any]) -> Evaluation:
+        """An evaluation whose epoch is the best when `selection.improves` says so; adds
+        `best_paper_distance`, `best_so_far` and `best_epoch` to the figures."""
+        improved = selection.improves(selection.epoch_key(metrics), self.best_key)
+        if improved:
+            self.best_key, self.best_epoch = selection.epoch_key(metrics), epoch
+        metrics.update({names.BEST_PAPER_DISTANCE: self.best_key[0], names.BEST_SO_FAR: float(improved),
+                        names.BEST_EPOCH: self.best_epoch})
         return Evaluation(metrics, improved)
 
     def prepare_data(self, fetch: Callable[[], dict[str, Any]], data_fingerprint: str) -> None:
@@ -212,7 +216,7 @@ class EpochTrainer:
 
     def restore(self, state: dict[str, Any]) -> None:
         """Take back what `checkpoint_state` saved (the best epoch so far)."""
-        self.best_distance = state["best_distance"]
+        self.best_key, self.best_epoch = tuple(state["best_key"]), int(state["best_epoch"])
 
     def train_epoch(self, epoch: int) -> EpochCost:
         raise NotImplementedError
@@ -226,7 +230,7 @@ class EpochTrainer:
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Extras a resumed run needs beyond the weights and the optimiser."""
-        return {"best_distance": self.best_distance}
+        return {"best_key": list(self.best_key), "best_epoch": self.best_epoch}
 
     def save(self, directory: str) -> None:
         """Write the model and its config into a checkpoint folder (rank 0 only)."""

@@ -13,6 +13,10 @@ BEST_PAPER_DISTANCE = "best_paper_distance"
 BEST_EARLY_STOP_SCORE = "best_early_stop_score"
 
 EPOCH = "epoch"
+# 1.0 when a report's figures are its trial's best so far (trainers/selection.py decides), 0.0
+# otherwise; and the epoch whose weights those best figures, and the trial's checkpoint, hold.
+BEST_SO_FAR = "best_so_far"
+BEST_EPOCH = "best_epoch"
 # In a checkpoint's held-out score only: each example's outcome (1 = success: every needed tool
 # retrieved, or the plan right), in split order, for paired comparisons between trials.
 PER_EXAMPLE_SUCCESS = "per_example_success"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trainers import metric_names as names
+from trainers import selection
 from trainers.batching import PaddedBatches, all_reduce_sum, autocast, length_grouped_batches, pack_sequences, unwrap
 from trainers.epoch_loop import (
     EpochCost, EpochTrainer, Evaluation, WorkerSession, adamw_with_warmup, run_epochs, steps_per_epoch,
@@ -303,7 +303,8 @@ class PlannerTrainer(EpochTrainer):
     def __init__(self, config: PlannerConfig):
         super().__init__(config)
         self.targets = {config.paper_target: config.targets[config.paper_target].model_dump()}
-        self.best_distance, self.best_state, self.best_key = math.inf, None, None
+        # The best epoch's adapter weights, restored for the whole-split score after the last epoch.
+        self.best_state = None
 
     def prepare_data(self, fetch, data_fingerprint: str) -> None:
         config = self.config
@@ -332,7 +333,7 @@ class PlannerTrainer(EpochTrainer):
 
     def restore(self, state: dict[str, Any]) -> None:
         # The checkpoint is the best epoch so far: its adapter is the best state.
-        self.best_distance, self.best_key = state["best_distance"], tuple(state["best_key"])
+        super().restore(state)
         self.best_state = lora_state(self.model)
 
     def train_epoch(self, epoch: int) -> EpochCost:
@@ -368,24 +369,23 @@ class PlannerTrainer(EpochTrainer):
         config = self.config
         metrics, samples = evaluate(self.model, self.tokenizer, self.subset, config, self.device, self.rank,
                                     self.world)
-        distance = self._distance(metrics)
-        # Ties (common while nothing succeeds yet) go to the later epoch with more valid plans.
-        rank_key = (distance, -metrics[names.TOOL_SET_ACCURACY], -metrics[names.PLAN_PARSE_RATE])
-        improved = self.best_state is None or rank_key <= self.best_key
-        if improved:
-            self.best_key, self.best_distance, self.best_state = rank_key, distance, lora_state(self.model)
+        metrics[names.PAPER_DISTANCE] = self._distance(metrics)
+        evaluation = self.best_epoch_so_far(epoch, metrics)  # on the subset: steers early stopping
+        if evaluation.improved:
+            self.best_state = lora_state(self.model)
         full_validation_set = epoch == config.epochs
         if full_validation_set:  # the trial's figure: the best epoch's adapter on all of validation
-            if not improved:
+            if not evaluation.improved:
                 _restore_lora_state(self.model, self.best_state)
             metrics, samples = evaluate(self.model, self.tokenizer, self.val_examples, config, self.device,
                                         self.rank, self.world)
-            distance = self.best_distance = self._distance(metrics)
-            self.best_key = (distance, -metrics[names.TOOL_SET_ACCURACY], -metrics[names.PLAN_PARSE_RATE])
+            metrics[names.PAPER_DISTANCE] = self._distance(metrics)
+            self.best_key = selection.epoch_key(metrics)
+            # These are the best epoch's figures, now on the whole split: the trial's own.
+            metrics.update({names.BEST_PAPER_DISTANCE: self.best_key[0], names.BEST_SO_FAR: 1.0,
+                            names.BEST_EPOCH: self.best_epoch})
         metrics.update({
             names.FULL_VALIDATION_SET: float(full_validation_set),
-            names.PAPER_DISTANCE: distance,
-            names.BEST_PAPER_DISTANCE: self.best_distance,
             # ASHA's signal: the best distance, ties broken by tool-set accuracy and parse rate.
             # Early on every trial scores 0 successes on the subset, and a flat signal would make
             # early stopping a coin toss; the tie-break moves the distance by 0.002 at most, less
@@ -393,14 +393,11 @@ class PlannerTrainer(EpochTrainer):
             names.BEST_EARLY_STOP_SCORE: self.best_key[0] + 1e-3 * (self.best_key[1] + self.best_key[2]),
             names.SAMPLE_PLANS: json.dumps(samples, indent=1),
         })
-        return Evaluation(metrics, improved)
+        return Evaluation(metrics, evaluation.improved)
 
     def epoch_figures(self) -> dict[str, float]:
         return {names.EXAMPLES_OVER_MAX_LENGTH: float(self.train_split["over_max_length"]),
                 names.MEAN_INPUT_TOKENS: self.train_split["flat"].numel() / max(len(self.collate), 1)}
-
-    def checkpoint_state(self) -> dict[str, Any]:
-        return {"best_distance": self.best_distance, "best_key": list(self.best_key)}
 
     def save(self, directory: str) -> None:
         _save_checkpoint(self.model, self.tokenizer, self.config, directory)

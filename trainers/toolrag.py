@@ -301,7 +301,7 @@ class ToolRAGTrainer(EpochTrainer):
         metrics = _evaluate(self.model, self.encoded["val"], self.pad_id, self.config, self.device, self.rank,
                             self.world)
         metrics[names.PAPER_DISTANCE] = paper_distance(metrics, self.targets)
-        return self.best_epoch_so_far(metrics)
+        return self.best_epoch_so_far(epoch, metrics)
 
     def epoch_figures(self) -> dict[str, float]:
         return {names.MEAN_INPUT_TOKENS: self.encoded["train"]["flat"].numel() / max(len(self.collate), 1)}

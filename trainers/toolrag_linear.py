@@ -294,7 +294,7 @@ class LinearToolRAGTrainer(EpochTrainer):
 
     def evaluate(self, epoch: int) -> Evaluation:
         metrics = evaluate(self.pipeline, self.config, self.data["val"])
-        return self.best_epoch_so_far(metrics)
+        return self.best_epoch_so_far(epoch, metrics)
 
     def save(self, directory: str) -> None:
         save_checkpoint(self.pipeline, self.config, directory)

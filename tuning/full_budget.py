@@ -25,7 +25,7 @@ from typing import Any
 from trainers import metric_names as names
 from trainers.evaluation import mcnemar_exact, paired_difference_interval
 from tuning.config import TEMPLATE_KEY
-from tuning.tracking import TrialRecord, rank
+from tuning.trial_records import TrialRecord, rank
 
 # The categorical setting whose every value is trained to the end, and the numeric setting
 # whose lowest value is: the two findings of the reproduction.
@@ -42,12 +42,6 @@ class Rerun:
     source_trial: str | None
 
 
-def full_budget(record: TrialRecord) -> bool:
-    """Trained to its last epoch, not stopped early, and scored on the whole validation split."""
-    return (record.status == "FINISHED" and not record.stopped_early and record.best is not None
-            and record.best.get(names.FULL_VALIDATION_SET, 1.0) == 1.0)
-
-
 def _deepest_first(records: list[TrialRecord], rung_metric: str) -> list[TrialRecord]:
     return sorted((r for r in records if r.last), key=lambda r: (-r.epochs, r.last.get(rung_metric, math.inf)))
 
@@ -62,7 +56,7 @@ def reruns_needed(records: list[TrialRecord], param_space: dict[str, dict[str, A
     if spec is not None and spec["type"] == "choice":
         for value in spec["values"]:
             tried = [r for r in records if r.params.get(COMPARED_SETTING) == value]
-            if any(full_budget(r) for r in tried):
+            if any(r.full_budget for r in tried):
                 continue
             deepest = _deepest_first(tried, rung_metric)
             if deepest:
@@ -76,7 +70,7 @@ def reruns_needed(records: list[TrialRecord], param_space: dict[str, dict[str, A
         if tried:
             lowest = min(tried, key=lambda r: r.params[CONTRASTED_SETTING])
             same = [r for r in tried if r.params == lowest.params]
-            if not any(full_budget(r) for r in same) and not any(lowest.params == rerun.config for rerun in reruns):
+            if not any(r.full_budget for r in same) and not any(lowest.params == rerun.config for rerun in reruns):
                 reruns.append(Rerun(f"{CONTRASTED_SETTING} lowest", dict(lowest.params), lowest.trial_id))
     return reruns
 
@@ -153,7 +147,7 @@ def template_comparison(records: list[TrialRecord], param_space: dict[str, dict[
     if spec is None or spec["type"] != "choice":
         return None
     comparison = Comparison(COMPARED_SETTING, metric)
-    for record in rank([r for r in records if full_budget(r)]):
+    for record in rank([r for r in records if r.full_budget]):
         value = record.params.get(COMPARED_SETTING)
         if value not in [side.record.params.get(COMPARED_SETTING) for side in comparison.sides]:
             comparison.sides.append(Side(f"`{value}`", record, metric, key=str(value)))
@@ -164,7 +158,7 @@ def contrast(records: list[TrialRecord], param_space: dict[str, dict[str, Any]],
     """The closest full-budget trial against the full-budget trial at the lowest value tried of
     the contrasted setting. None when that setting is not searched or nothing is to compare."""
     spec = param_space.get(CONTRASTED_SETTING)
-    finished = [r for r in records if full_budget(r) and CONTRASTED_SETTING in r.params]
+    finished = [r for r in records if r.full_budget and CONTRASTED_SETTING in r.params]
     if spec is None or spec["type"] == "choice" or not finished:
         return None
     closest = rank(finished)[0]

@@ -14,7 +14,8 @@ from typing import Any
 
 from trainers import metric_names as names
 from trainers.registry import MODELS, ModelSpec
-from tuning.tracking import SearchTracker, TrialRecord
+from tuning.tracking import SearchTracker
+from tuning.trial_records import TrialRecord
 
 
 def _checkpoint(checkpoint_path: str, storage_path: str):

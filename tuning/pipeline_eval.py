@@ -15,7 +15,7 @@ from trainers import pipeline
 from trainers.data import Dataset, load_dataset_dir
 from trainers.models import resolve_source
 from tuning.config import UserError
-from tuning.tracking import DATA_SPLIT_TAG, redact_uri
+from tuning.mlflow_store import DATA_SPLIT_TAG, default_tracking_uri, redact_uri
 
 MLFLOW_SCHEMES = ("models:/", "runs:/")
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
@@ -154,7 +154,7 @@ def record(tracking_uri: str, experiment: str, models: dict[str, ResolvedModel],
     import mlflow
     from mlflow import MlflowClient
 
-    from tuning.tracking import model_development_experiment
+    from tuning.mlflow_store import model_development_experiment
 
     client = MlflowClient(tracking_uri)
     experiment_id = model_development_experiment(client, experiment, artifact_location)
@@ -238,10 +238,6 @@ def format_figures(figures: dict[str, float], models: dict[str, ResolvedModel], 
                                                        "reference", f"candidate vs reference, {title}")]
     lines.append(f"  {figures['seconds_per_100_examples']:.0f} s per 100 examples, every prompt and model included")
     return "\n".join(lines)
-
-
-def default_tracking_uri(results_dir: str) -> str:
-    return f"sqlite:///{(Path(results_dir).expanduser().resolve() / 'mlflow.db')}"
 
 
 def examples_limit(planner_folder: Path, requested: int | None) -> int | None:

@@ -24,8 +24,7 @@ from trainers import metric_names as names
 from trainers.evaluation import target_value
 from trainers.registry import ModelSpec
 from tuning.config import TEMPLATE_KEY, describe_target
-from tuning.report import best_per_template, pareto_front
-from tuning.tracking import TrialRecord
+from tuning.trial_records import TrialRecord, best_per_template, pareto_front
 
 # The searched setting that trades recall against tools retrieved, drawn against both.
 POS_WEIGHT = "pos_weight"

@@ -1,241 +1,346 @@
-"""What a search prints: the data it found, and the closing table (the closest trials beside
-the paper's figures, the Pareto front, the best figure each template reached, and each model
-family's best on the same data)."""
+"""A finished search as a person would rather read it, built from the MLflow store alone.
+
+`publish` reads a search's parent run and its trials' runs back from MLflow, then:
+- logs the plots (tuning/plots.py) to the parent run under `plots/`;
+- writes the parent run's description (`mlflow.note.content`): the closest trials in Markdown,
+  beside the paper's figures, linked to their runs;
+- writes `RESULTS/report-<run>.html`, one self-contained page (plots inlined), and logs it too.
+
+The search calls it when it ends; `python -m tuning.report` calls it again for any search in the
+store, with no Ray.
+"""
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING, Any
+import base64
+import html
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow.tracking import MlflowClient
 
 from trainers import metric_names as names
-from trainers.data import Dataset
-from trainers.evaluation import target_value
-from trainers.registry import ModelSpec
+from trainers.registry import MODELS, ModelSpec
+from tuning import closing_table
 from tuning.config import TEMPLATE_KEY
-from tuning.tracking import TrialRecord, rank
+from tuning.mlflow_store import (
+    CLOSEST_RANK_TAG, DEFAULT_UI, NOTE_TAG, SEARCH_TAG, child_runs, default_tracking_uri, latest_search,
+    record_from_run, run_link, sqlite_path,
+)
+from tuning.trial_records import TrialRecord, best_per_template, pareto_front, rank
 
-if TYPE_CHECKING:
-    from tuning.orchestrator import Outcome, PreparedSearch
-
-
-def format_data_summary(dataset: Dataset) -> str:
-    """What the splits hold and what could not be prevented."""
-    lines = [f"[data] {len(dataset.train)} train / {len(dataset.val)} validation (carved from the training file, "
-             f"--val-fraction {dataset.val_fraction:g}) / {len(dataset.test)} test examples; trials select on "
-             "validation, and test is scored once per trial after the search"]
-    if dataset.skipped_invalid:
-        lines.append(f"[data] --skip-invalid: left out {dataset.skipped_invalid} invalid records")
-    if dataset.skipped_without_plan:
-        lines.append(f"[data] left out {dataset.skipped_without_plan} records without a plan point")
-    lines.append(f"[data] {dataset.test_queries_in_train} test queries also occur in train (case and punctuation "
-                 "ignored)" + ("; their test figures are partly memory" if dataset.test_queries_in_train else ""))
-    if dataset.unparseable_targets:
-        kept = dataset.unparseable_targets - dataset.skipped_unparseable
-        lines.append(f"[data] {dataset.unparseable_targets} target plans do not parse, or parse to an empty plan, "
-                     f"with TinyAgent's parser (first: {dataset.first_unparseable}); "
-                     + ("--skip-invalid left them out" if not kept else
-                        f"{kept} are kept and every trial fails them (--skip-invalid leaves them out)"))
-    else:
-        lines.append("[data] every target plan parses with TinyAgent's parser")
-    return "\n".join(lines)
+CLOSING_ARTIFACT = "closing_table.txt"
+PLOTS_FOLDER = "plots"
+# MLflow keeps at most 8,000 characters of a tag; the description stays well inside.
+NOTE_LIMIT = 7500
+# Per-epoch curves are read for this many of the closest trials.
+CURVES = 5
 
 
-def format_targets(spec: ModelSpec, targets: dict[str, dict[str, Any]], generated_data: bool) -> str:
-    """Which figures the search measures closeness from, and why, in one line."""
-    figures = ", ".join(f"{metric} {paper_text(target)}" for metric, target in targets.items()
-                        if metric in spec.target_metrics)
-    if generated_data and any(target.get("relative_to") for target in targets.values()):
-        return (f"[targets] generated data: closeness is measured from {figures}; an absolute tool count would "
-                "reward wrong tools where queries need fewer tools than the published ones "
-                "(search_spaces/targets.yaml, generated_data)")
-    return f"[targets] the paper's figures: {figures}"
+@dataclass
+class SearchView:
+    """One search as MLflow holds it."""
+
+    experiment_id: str
+    experiment_name: str
+    parent: Any
+    spec: ModelSpec
+    paper: dict[str, dict[str, Any]]
+    searched: dict[str, dict[str, Any]]
+    objective: str
+    # Every trial in start order, and those with a result ranked as the search ranked them.
+    records: list[TrialRecord]
+    ranked: list[TrialRecord]
+    histories: dict[str, dict[str, list[tuple[int, float]]]]
+    max_epochs: int
+    top_k: int
+    closing_text: str | None = None
+
+    @property
+    def run_name(self) -> str:
+        return self.parent.info.run_name
+
+    def totals(self) -> dict[str, float]:
+        return self.parent.data.metrics
 
 
-def pareto_front(records: list[TrialRecord], figures: tuple[str, str]) -> list[TrialRecord]:
-    """Trials no other trial beats on both figures: the first higher (recall), the second lower
-    (tools retrieved)."""
-    up, down = figures
-    points = [(r, r.best[up], r.best[down]) for r in records if r.best]
-    front = []
-    for record, recall, count in points:
-        dominated = any(
-            (other_recall >= recall and other_count <= count) and (other_recall > recall or other_count < count)
-            for _, other_recall, other_count in points
-        )
-        if not dominated:
-            front.append(record)
-    return sorted(front, key=lambda r: -r.best[up])
+def find_search(client: MlflowClient, experiment_name: str, run_id: str | None = None):
+    """(experiment, parent run): the run given, else the experiment's latest search."""
+    from tuning.config import UserError
+
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        known = ", ".join(sorted(e.name for e in client.search_experiments())) or "none"
+        raise UserError(f"--experiment {experiment_name}: no such experiment in this store (there are: {known})")
+    if run_id:
+        try:
+            parent = client.get_run(run_id)
+        except Exception as error:  # MlflowException / RestException for an unknown id, by store
+            raise UserError(f"--run {run_id}: no such run ({str(error).splitlines()[0]})") from None
+        if parent.info.experiment_id != experiment.experiment_id or parent.data.tags.get(SEARCH_TAG) != "parent":
+            raise UserError(f"--run {run_id}: not a search (parent run) of experiment {experiment_name}")
+        return experiment, parent
+    parent = latest_search(client.tracking_uri, experiment_name)
+    if parent is None:
+        raise UserError(f"--experiment {experiment_name}: holds no search (no parent run)")
+    return experiment, parent
 
 
-def _inside(value: float, low: float, high: float) -> str:
-    return "yes" if low <= value <= high else "no"
+def load_search(client: MlflowClient, experiment_name: str, run_id: str | None = None) -> SearchView:
+    experiment, parent = find_search(client, experiment_name, run_id)
+    params = parent.data.params
+    spec = MODELS[params["model_name"]]
+    searched = json.loads(params.get("search_space", "{}"))
+    children = child_runs(client, experiment.experiment_id, parent.info.run_id)
+    records = sorted((record_from_run(client, run, list(searched)) for run in children), key=lambda r: r.started)
+    ranked = rank(records)
+    # The settings every trial shares (its fixed trainer settings are params of each trial's run).
+    shared = children[0].data.params if children else {}
+    settings = {}
+    if spec.paper_target_key and spec.paper_target_key in shared:
+        settings[spec.paper_target_key] = shared[spec.paper_target_key]
+    paper = spec.paper_figures(json.loads(params["paper_targets"]), settings)
+    histories = {}
+    for record in ranked[:CURVES]:
+        histories[record.trial_id] = {
+            names.PAPER_DISTANCE: [(p.step, p.value) for p in
+                                   sorted(client.get_metric_history(record.run_id, names.PAPER_DISTANCE),
+                                          key=lambda p: p.step)]}
+    epochs = [int(float(run.data.params["epochs"])) for run in children if "epochs" in run.data.params]
+    top_k = sum(CLOSEST_RANK_TAG in run.data.tags for run in children) or 5
+    closing = None
+    # Its progress bar would be the only line of this step on the console.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Absent when the search crashed before its closing table.
+    if any(item.path == CLOSING_ARTIFACT for item in client.list_artifacts(parent.info.run_id)):
+        with tempfile.TemporaryDirectory(prefix="closing-") as folder:
+            closing = Path(client.download_artifacts(parent.info.run_id, CLOSING_ARTIFACT, folder)).read_text()
+    return SearchView(experiment_id=experiment.experiment_id, experiment_name=experiment.name, parent=parent,
+                      spec=spec, paper=paper, searched=searched, objective=params.get("objective", "distance"),
+                      records=records, ranked=ranked, histories=histories,
+                      max_epochs=max(epochs, default=1), top_k=top_k, closing_text=closing)
 
 
-def _number(value: float) -> str:
-    return f"{value:.0f}" if float(value).is_integer() else f"{value:.3f}"
+# MLflow 3.17's UI shows an experiment in the view its GenAI / Model training switch names, which
+# a link can set; the experiment's kind tag decides only where that switch is off.
+def _settings(record: TrialRecord) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(record.params.items()))
 
 
-def _interval_cell(figures: dict[str, float] | None, metric: str) -> tuple[str, float | None, float | None]:
-    if not figures or metric not in figures:
-        return "not scored", None, None
-    low, high = figures[f"{metric}_ci_low"], figures[f"{metric}_ci_high"]
-    digits = 2 if metric == names.TOOL_COUNT else 3
-    return f"{figures[metric]:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]", low, high
-
-
-def paper_text(target: dict[str, Any]) -> str:
-    """A target as the tables show it: '3.97', or 'gold + 1' for one relative to the data."""
-    if target.get("relative_to") == names.GOLD_TOOL_COUNT:
-        return f"gold + {target['value']:.4g} (tools the queries need + {target['value']:.4g})"
-    return f"{target['value']:.4g}"
-
-
-def paper_line(paper: dict[str, dict[str, Any]]) -> str:
-    return "  paper: " + ", ".join(f"{m} {paper_text(t)}" for m, t in paper.items())
-
-
-def _paper_inside(target: dict[str, Any], figures: dict[str, float] | None, low: float | None,
-                  high: float | None) -> str:
-    """Whether the target lies inside a test interval; a relative target is placed with the
-    test split's own figure (its gold tool count)."""
-    if low is None or figures is None:
-        return "-"
-    relative_to = target.get("relative_to")
-    if relative_to and relative_to not in figures:
-        return "-"
-    return _inside(target_value("", target, figures), low, high)
-
-
-def format_table(records: list[TrialRecord], spec: ModelSpec, paper: dict[str, dict[str, Any]], title: str) -> str:
-    """One line per trial, in the order given (ranked on validation): the validation distance
-    and figures that ranked it, then its best checkpoint's figures on the test split with 95%
-    CIs and whether the paper's figure lies inside each test interval, the model's extra
-    columns (validation), and the searched params.
-
-    paper: {headline figure: its target} (ModelSpec.paper_figures).
-    """
-    figures = spec.headline
-    header = f"  {'rank':>4}  {'trial':<11} {'val dist':>8}  "
-    header += "".join(f"{'val ' + m:>{len(m) + 4}}  {'test ' + m + ' [95% CI]':<31} {'paper in':>8}  " for m in figures)
-    header += "".join(f"{extra:>{max(len(extra), 8)}}  " for extra in spec.extra_columns) + f"{'epoch':>5}  params"
-    lines = [title, paper_line({m: paper[m] for m in figures}), header]
-    for rank, record in enumerate(records, start=1):
+def _rows(view: SearchView, records: list[TrialRecord]) -> tuple[list[str], list[list[str]]]:
+    """The closing table's columns and cells: validation figures that ranked each trial, then its
+    test figures with 95% intervals, and whether the paper's figure lies inside each."""
+    header = ["rank", "trial", "val distance"]
+    for metric in view.spec.headline:
+        header += [f"val {metric}", f"test {metric} [95% CI]", "paper inside"]
+    header += [*view.spec.extra_columns, "epoch", "settings"]
+    rows = []
+    for position, record in enumerate(records, start=1):
         best = record.best
-        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(record.params.items()))
-        line = f"  {rank:>4}  {record.trial_id:<11} {best[names.PAPER_DISTANCE]:>8.2f}  "
-        for metric in figures:
-            cell, low, high = _interval_cell(record.test, metric)
-            inside = _paper_inside(paper[metric], record.test, low, high)
-            line += f"{best[metric]:>{len(metric) + 4}.3f}  {cell:<31} {inside:>8}  "
-        for extra in spec.extra_columns:
-            value = best.get(extra)
-            line += f"{_number(value) if value is not None else '-':>{max(len(extra), 8)}}  "
-        lines.append(line + f"{int(best[names.EPOCH]):>5}  {params}")
-    return "\n".join(lines)
+        row = [str(position), record.trial_id, f"{best[names.PAPER_DISTANCE]:.3f}"]
+        for metric in view.spec.headline:
+            cell, low, high = closing_table.interval_cell(record.test, metric)
+            row += [f"{best[metric]:.3f}", cell, closing_table.paper_inside(view.paper[metric], record.test, low, high)]
+        row += [closing_table.number_text(best[c]) if best.get(c) is not None else "-" for c in view.spec.extra_columns]
+        row += [str(record.best_epoch), _settings(record)]
+        rows.append(row)
+    return header, rows
 
 
-def format_untuned(spec: ModelSpec, untuned: dict[str, dict[str, float]], paper: dict[str, dict[str, Any]]) -> str:
-    """The paper's untuned row: the base before any fine-tuning, on the same validation and test
-    examples as the trials, with the dataset's own prompt."""
-    val, test = untuned.get("val", {}), untuned.get("test", {})
-    parts = []
-    for metric in spec.headline:
-        cell, low, high = _interval_cell(test, metric)
-        shown = f"{val[metric]:.3f}" if metric in val else "-"
-        parts.append(f"val {metric} {shown}, test {cell}, paper in: {_paper_inside(paper[metric], test, low, high)}")
-    cut = int(test.get(names.PROMPTS_CUT, 0))
-    return ("The base before any fine-tuning (the dataset's own prompt, the base's own format): " + "; ".join(parts)
-            + f"; {int(test.get(names.EVAL_EXAMPLES, 0))} test examples"
-            + (f", {cut} of their prompts cut to the base's context" if cut else "") + ".")
-
-
-def best_per_template(records: list[TrialRecord], metric: str) -> dict[str, dict[str, Any]]:
-    """For each template tried: its best full-budget trial (closest to the paper on validation,
-    see tuning/full_budget.py), that trial's validation `metric` and distance, its test figures,
-    and how many trials tried the template. A trial stopped early does not compete: its figures
-    are from fewer epochs (and for the planner from a validation subset)."""
-    from tuning.full_budget import full_budget
-
-    summary: dict[str, dict[str, Any]] = {}
-    for record in rank(records):
-        template = record.params.get(TEMPLATE_KEY)
-        if template is None:
+def _template_rows(view: SearchView) -> list[list[str]]:
+    """Per template: its best full-budget trial's validation figure with interval, and its test figure."""
+    metric = view.spec.headline[0]
+    by_id = {r.trial_id: r for r in view.records}
+    rows = []
+    summary = best_per_template(view.ranked, metric)
+    for template, entry in sorted(summary.items(), key=lambda item: item[1]["distance"]):
+        if entry["best"] is None:
+            rows.append([template, "no full-budget trial (every one stopped early)", "-", "-",
+                         str(entry["trials"])])
             continue
-        entry = summary.setdefault(template, {"trials": 0, "best": None, "distance": math.inf, "trial_id": None,
-                                              "test": None})
-        entry["trials"] += 1
-        if entry["trial_id"] is None and full_budget(record) and metric in record.best:
-            entry.update(best=record.best[metric], distance=record.objective, trial_id=record.trial_id,
-                         test=record.test)
-    return summary
+        record = by_id[entry["trial_id"]]
+        rows.append([template, closing_table.interval_cell(record.best, metric)[0],
+                     closing_table.interval_cell(entry["test"], metric)[0], entry["trial_id"], str(entry["trials"])])
+    return rows
 
 
-def format_family_comparison(bests: list[dict[str, Any]], spec: ModelSpec, paper: dict[str, dict[str, Any]]) -> str:
-    """Each model family's closest trial (on validation) over every search of this task on the
-    same data split in the MLflow store, side by side; empty with fewer than two families."""
-    if len(bests) < 2:
-        return ""
-    lines = ["Best of each model on the same data split, across the searches in this MLflow store (closest to "
-             "the paper on validation; test scored once):",
-             paper_line(paper)]
-    header = f"  {'model':<16} {'val dist':>8}  "
-    header += "".join(f"{'val ' + m:>{len(m) + 4}}  {'test ' + m + ' [95% CI]':<31} " for m in spec.headline)
-    lines.append(header + "experiment / trial")
-    for best in bests:
-        line = f"  {best['model']:<16} {best['validation'][names.PAPER_DISTANCE]:>8.2f}  "
-        for metric in spec.headline:
-            value = best["validation"].get(metric)
-            shown = f"{value:.3f}" if value is not None else "-"
-            line += f"{shown:>{len(metric) + 4}}  {_interval_cell(best['test'], metric)[0]:<31} "
-        lines.append(line + f"{best['experiment']} / {best['trial_id']}")
+def _comparisons(view: SearchView) -> dict[str, str]:
+    """{compared setting: the answer in words}, as the search tagged its parent run."""
+    from tuning.full_budget import COMPARISON_TAG_PREFIX
+
+    tags = view.parent.data.tags
+    return {key[len(COMPARISON_TAG_PREFIX):]: value for key, value in sorted(tags.items())
+            if key.startswith(COMPARISON_TAG_PREFIX)}
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def format_closing(prepared: "PreparedSearch", outcome: "Outcome", tracker) -> str:
-    """Everything printed after the search: the tables, the totals, where to look next."""
-    spec, request, ranked, totals = prepared.spec, prepared.request, outcome.ranked, outcome.totals
-    paper = spec.paper_figures(prepared.targets, request.trainer_base)
-    parts = ["", format_table(ranked[: prepared.top_k], spec, paper,
-                              f"Closest to the paper on validation (best epoch of each trial, {len(ranked)} trials "
-                              "ranked), with each trial's test figures, scored once:")]
-    if tracker.untuned:
-        parts.append(format_untuned(spec, tracker.untuned, paper))
-    parts.extend(outcome.comparison_lines)
-    if request.objective == "pareto":
-        parts.append(format_table(outcome.front, spec, paper, "Pareto front (recall up, tools retrieved down):"))
-    comparison = format_family_comparison(outcome.family_bests, spec, paper)
-    if comparison:
-        parts.append(comparison)
-    parts.append(f"\n{totals['trials_finished']} finished ({totals['trials_stopped_early']} stopped early by ASHA), "
-                 f"{totals['trials_failed']} failed, in {totals['search_wall_seconds']:.0f} s; "
-                 f"{totals['trials_scored_on_test']} scored on the test split.")
-    unscored = [r.trial_id for r in ranked if r.checkpoint_path and r.test is None]
-    if unscored:
-        parts.append(f"Not scored on test: {', '.join(unscored)} (the reason is in each run's test_error tag).")
-    found = outcome.resumed_counts
-    if found is not None:
-        lost = tracker.lost_trials()
-        parts.append(
-            f"Resumed: {found['finished'] + found['failed']} trials had ended before the driver stopped and were not "
-            f"trained again ({tracker.replayed} only replayed a result the saved state had missed); "
-            f"{found['interrupted'] - len(lost)} interrupted trials continued; {len(lost)} were lost"
-            + (f" ({', '.join(r.trial_id for r in lost)}: they started after the search last saved its state, "
-               "so Tune ran new trials in their place)" if lost else "") + ".")
-    if outcome.registered_version:
-        parts.append(f"Registered {spec.registered_model} version {outcome.registered_version} as alias "
-                     "'closest-to-paper'.")
-    parts.append(f"MLflow: mlflow ui --backend-store-uri {prepared.tracking_uri} --host 127.0.0.1 --port 5000")
-    if tracker.parent_run_id:
-        from tuning.report_page import DEFAULT_UI, run_link
+def _summary_line(view: SearchView) -> str:
+    totals = view.totals()
+    return (f"{int(totals.get('trials_finished', 0))} trials finished ({int(totals.get('trials_stopped_early', 0))} "
+            f"stopped early by ASHA), {int(totals.get('trials_failed', 0))} failed, in "
+            f"{totals.get('search_wall_seconds', 0):.0f} s; {int(totals.get('trials_scored_on_test', 0))} scored on "
+            "the test split")
 
-        parts.append(f"  then open {run_link(DEFAULT_UI, tracker.experiment_id, tracker.parent_run_id)}")
-    budget = outcome.budget
-    if budget is not None and budget.exhausted:
-        parts.append(f"The search stopped early: {budget.failed} trials failed (--max-failed-trials {budget.limit}). "
-                     "Each FAILED run in MLflow holds its error in the `error` tag.")
-    elif not ranked:
-        parts.append("No trial produced a result; see the errors above and the FAILED runs in MLflow.")
+
+def markdown_note(view: SearchView, report_file: Path | None) -> str:
+    """The parent run's description: the answer first, then the closest trials, linked."""
+    if not view.ranked:
+        return f"**No trial produced a result.** {_summary_line(view)}."
+    closest = view.ranked[0]
+    ids = {r.trial_id: r.run_id for r in view.ranked}
+    header, rows = _rows(view, view.ranked[: view.top_k])
+    for row in rows:
+        row[1] = f"[{row[1]}]({run_link('', view.experiment_id, ids[row[1]])})"
+    parts = [
+        f"**Closest to the paper (chosen on validation):** trial "
+        f"[{closest.trial_id}]({run_link('', view.experiment_id, closest.run_id)}), {_settings(closest)}.",
+        "",
+        "**Paper:** " + ", ".join(f"{m} {closing_table.paper_text(t)}" for m, t in view.paper.items()),
+        "",
+        _markdown_table(header, rows),
+    ]
+    if TEMPLATE_KEY in view.searched:
+        parts += ["", f"**Best {view.spec.headline[0]} per {TEMPLATE_KEY}** (validation, then test):", "",
+                  _markdown_table([TEMPLATE_KEY, "validation [95% CI]", "test [95% CI]", "trial", "trials"],
+                                  _template_rows(view))]
+    for setting, sentence in _comparisons(view).items():
+        parts += ["", f"**{setting}, on full-budget trials:** {sentence}."]
+    parts += ["", _summary_line(view) + ".", "", f"Plots: the `{PLOTS_FOLDER}/` artifacts of this run."]
+    if report_file is not None:
+        parts.append(f"Report page: `{report_file}` (also an artifact of this run).")
+    note = "\n".join(parts)
+    return note if len(note) <= NOTE_LIMIT else note[: NOTE_LIMIT - 40] + "\n\n(cut; see the report page)"
+
+
+def _html_table(header: list[str], rows: list[list[str]], links: dict[int, list[str]] | None = None) -> str:
+    """links: {column: one URL per row} turns that column's cells into links."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = []
+    for i, row in enumerate(rows):
+        cells = []
+        for j, cell in enumerate(row):
+            text = html.escape(cell)
+            if links and j in links:
+                text = f'<a href="{html.escape(links[j][i])}" target="_blank">{text}</a>'
+            cells.append(f"<td>{text}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th { background: #f3f3f3; }
+td:last-child, th:last-child { text-align: left; }
+.answer { background: #eef6ee; border-left: 4px solid #3a7; padding: 0.6em 1em; }
+.plots { display: flex; flex-wrap: wrap; gap: 1em; }
+figure { margin: 0; flex: 0 1 calc(50% - 0.5em); }
+figure.wide { flex-basis: 100%; }
+figure img { max-width: 100%; border: 1px solid #ddd; }
+pre { background: #f7f7f7; padding: 1em; overflow-x: auto; font-size: 0.8em; }
+"""
+
+
+def html_page(view: SearchView, pngs: dict[str, bytes], ui_base: str) -> str:
+    """One self-contained page: the answer, the paper's figures, the tables, the plots."""
+    title = f"{view.experiment_name}: {view.run_name}"
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{STYLE}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1>",
+             f"<p>Search status {html.escape(view.parent.info.status)}; {html.escape(_summary_line(view))}. "
+             f"<a href='{html.escape(run_link(ui_base, view.experiment_id, view.parent.info.run_id))}' "
+             "target='_blank'>The search in MLflow</a>.</p>",
+             "<h2>The paper's figures</h2><p>" + html.escape(
+                 ", ".join(f"{m} {closing_table.paper_text(t)}" for m, t in view.paper.items())) + "</p>"]
+    if view.ranked:
+        closest = view.ranked[0]
+        parts.append(f"<p class='answer'><b>Closest to the paper (chosen on validation):</b> trial "
+                     f"{html.escape(closest.trial_id)}, {html.escape(_settings(closest))}.</p>")
+        shown = view.ranked[: view.top_k]
+        header, rows = _rows(view, shown)
+        parts += ["<h2>Closest trials</h2><p>Ranked on the validation split (each trial's best epoch); test "
+                  "figures scored once, after the search.</p>",
+                  _html_table(header, rows, {1: [run_link(ui_base, view.experiment_id, r.run_id) for r in shown]})]
+        if TEMPLATE_KEY in view.searched:
+            parts += [f"<h2>Best {html.escape(view.spec.headline[0])} per {TEMPLATE_KEY}</h2>",
+                      _html_table([TEMPLATE_KEY, "validation [95% CI]", "test [95% CI]", "trial", "trials"],
+                                  _template_rows(view))]
+        for setting, sentence in _comparisons(view).items():
+            parts.append(f"<p class='answer'><b>{html.escape(setting)}, on full-budget trials:</b> "
+                         f"{html.escape(sentence)}.</p>")
+        if view.objective == "pareto" and view.spec.pareto:
+            front = pareto_front(view.ranked, view.spec.pareto)
+            header, rows = _rows(view, front)
+            parts += ["<h2>Pareto front (recall up, tools retrieved down)</h2>",
+                      _html_table(header, rows, {1: [run_link(ui_base, view.experiment_id, r.run_id) for r in front]})]
+    else:
+        parts.append("<p class='answer'>No trial produced a result.</p>")
+    if pngs:
+        parts.append("<h2>Plots</h2><div class='plots'>")
+        for name, png in pngs.items():
+            data = base64.b64encode(png).decode()
+            # A figure of several panels gets the page's width; the others go two a row.
+            wide = " class='wide'" if _png_width(png) > WIDE_PNG else ""
+            parts.append(f"<figure{wide}><img alt='{html.escape(name)}' src='data:image/png;base64,{data}'>"
+                         f"<figcaption>{html.escape(name)}</figcaption></figure>")
+        parts.append("</div>")
+    if view.closing_text:
+        parts.append("<h2>The search's closing table, as printed</h2><pre>" + html.escape(view.closing_text) + "</pre>")
+    parts.append("</body></html>")
     return "\n".join(parts)
+
+
+WIDE_PNG = 900
+
+
+def _png_width(png: bytes) -> int:
+    """The width a PNG's header gives (bytes 16-20 of its IHDR chunk)."""
+    return int.from_bytes(png[16:20], "big")
+
+
+def report_path(results_dir: Path, run_name: str) -> Path:
+    return results_dir / f"report-{run_name}.html"
+
+
+def publish(tracking_uri: str, experiment_name: str, run_id: str | None, results_dir: Path,
+            ui_base: str = DEFAULT_UI, closing_text: str | None = None) -> Path:
+    """Plots, description and report page for one search; returns the page's path."""
+    import matplotlib.pyplot as plt
+
+    from tuning import plots
+
+    client = MlflowClient(tracking_uri)
+    if closing_text is not None and run_id is not None:
+        client.log_text(run_id, closing_text, CLOSING_ARTIFACT)
+    view = load_search(client, experiment_name, run_id)
+    parent_id = view.parent.info.run_id
+    figures = plots.search_figures(plots.PlotInput(
+        records=view.records, ranked=view.ranked, spec=view.spec, paper=view.paper, searched=view.searched,
+        objective=view.objective, histories=view.histories, max_epochs=view.max_epochs))
+    pngs = {}
+    for name, figure in figures.items():
+        client.log_figure(parent_id, figure, f"{PLOTS_FOLDER}/{name}.png")
+        pngs[name] = plots.figure_png(figure)
+        plt.close(figure)
+    page = report_path(results_dir, view.run_name)
+    page.parent.mkdir(parents=True, exist_ok=True)
+    # Written whole or not at all: a reader never opens half a page.
+    partial = page.with_name(page.name + ".partial")
+    partial.write_text(html_page(view, pngs, ui_base), encoding="utf-8")
+    os.replace(partial, page)
+    client.log_artifact(parent_id, str(page))
+    client.set_tag(parent_id, NOTE_TAG, markdown_note(view, page))
+    return page
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,8 +351,6 @@ def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
     from tuning.config import UserError
-    from tuning.report_page import DEFAULT_UI, publish
-    from tuning.tracking import sqlite_path
 
     parser = argparse.ArgumentParser(prog="python -m tuning.report", description=main.__doc__.split(":", 1)[1].strip())
     parser.add_argument("--experiment", required=True, help="the MLflow experiment of the search")
@@ -258,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"where the MLflow UI serves this store, for the page's links (default: {DEFAULT_UI})")
     args = parser.parse_args(argv)
     results_dir = Path(args.results_dir).expanduser().resolve()
-    tracking_uri = args.tracking_uri or f"sqlite:///{results_dir / 'mlflow.db'}"
+    tracking_uri = args.tracking_uri or default_tracking_uri(results_dir)
     database = sqlite_path(tracking_uri)
     try:
         if database is not None and not database.is_file():  # MLflow would create an empty store there

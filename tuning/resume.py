@@ -21,7 +21,7 @@ from typing import Any
 from tuning.config import UserError
 from tuning.cluster import tuner_run_config
 from tuning.storage import storage_join, train_run_name, tune_run_path
-from tuning.tracking import latest_search, redact_uri, sqlite_path
+from tuning.mlflow_store import latest_search, redact_uri, sqlite_path
 
 # The parent-run tag naming the search's Tune run (its folder under STORAGE/tune).
 TUNE_RUN_TAG = "tune_run_name"

@@ -8,7 +8,7 @@
     python tuning/search.py --model planner --smoke
     python tuning/search.py --model planner --resume        # after a crash: same options plus --resume
 
-Parse, validate, run, report: the work lives in tuning/orchestrator.py.
+Parse, validate, run, report: the work lives in tuning/prepare.py and tuning/execute.py.
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     from trainers.data import DataError
     from trainers.models import SourceUnavailable
     from tuning.config import UserError
-    from tuning.orchestrator import execute, prepare
+    from tuning.execute import execute
+    from tuning.prepare import prepare
 
     try:
         prepared = prepare(args)
