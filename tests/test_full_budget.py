@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from trainers.evaluation import mcnemar_exact, paired_difference_interval, wilson_interval
+from trainers.stats import mcnemar_exact, paired_difference_interval, wilson_interval
 from tuning import full_budget
 from tuning.trial_records import TrialRecord
 

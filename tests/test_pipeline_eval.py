@@ -16,7 +16,7 @@ import torch
 
 from trainers import pipeline
 from trainers.data import load_dataset_dir
-from trainers.evaluation import mcnemar_exact
+from trainers.stats import mcnemar_exact
 from trainers.tools import TOOL_NAMES
 
 PROJECT = Path(__file__).resolve().parent.parent

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from trainers.data import load_dataset_dir, message_plan_split
 from trainers.errand_domain import ERRAND_TOOLS, errand_requests

@@ -22,7 +22,7 @@ import torch
 
 from trainers import planner, toolrag, toolrag_linear
 from trainers.data import Example, normalize_query
-from trainers.evaluation import ToolRetrievalCounts, mcnemar_exact, wilson_interval
+from trainers.stats import ToolRetrievalCounts, mcnemar_exact, wilson_interval
 from trainers.planner_prompts import PLANNER_TEMPLATES, cut_prompt, full_prompt_ids
 from trainers.plans import plan_success
 from trainers.synthetic import planner_system_prompt

@@ -29,7 +29,7 @@ from trainers.batching import PaddedBatches, all_reduce_sum, autocast, length_gr
 from trainers.epoch_loop import (
     EpochCost, EpochTrainer, Evaluation, WorkerSession, adamw_with_warmup, run_epochs, steps_per_epoch,
 )
-from trainers.evaluation import paper_distance, wilson_interval
+from trainers.stats import paper_distance, wilson_interval
 from trainers.planner_base import compact_system_prompt
 from trainers.planner_prompts import IGNORE_INDEX, PLANNER_TEMPLATES, encode_example, prompt_token_ids
 from trainers.plans import PlanError, plan_success, strict_parse_plan, strict_plan_success, tool_set_match

@@ -70,7 +70,7 @@ class ModelSpec:
 
     def paper_figures(self, targets: dict[str, dict[str, Any]], trainer_settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
         """{headline figure: the target it is compared with ({"value", "tolerance"[, "relative_to"]},
-        see trainers/evaluation.py: target_value)}."""
+        see trainers/stats.py: target_value)}."""
         if self.paper_target_key is None:
             return {metric: targets[metric] for metric in self.headline}
         chosen = trainer_settings.get(self.paper_target_key,

@@ -28,7 +28,7 @@ from trainers.batching import (
 from trainers.epoch_loop import (
     EpochCost, EpochTrainer, Evaluation, WorkerSession, adamw_with_warmup, run_epochs, steps_per_epoch,
 )
-from trainers.evaluation import ToolRetrievalCounts, paper_distance
+from trainers.stats import ToolRetrievalCounts, paper_distance
 from trainers.models import config_from_dict
 from trainers.tools import NUM_TOOLS, TOOL_NAMES
 
@@ -48,7 +48,7 @@ class Target(BaseModel):
     tolerance: float = Field(gt=0)
     relative_to: Literal["gold_tool_count"] | None = Field(
         None, description="Measure from this figure of the scored examples plus `value` (see "
-                          "trainers/evaluation.py: target_value).")
+                          "trainers/stats.py: target_value).")
 
 
 class ToolRAGConfig(BaseModel):

@@ -35,7 +35,7 @@ from sklearn.pipeline import FeatureUnion, Pipeline
 
 from trainers import metric_names as names
 from trainers.epoch_loop import EpochCost, EpochTrainer, Evaluation, WorkerSession, run_epochs
-from trainers.evaluation import ToolRetrievalCounts, paper_distance
+from trainers.stats import ToolRetrievalCounts, paper_distance
 from trainers.toolrag import TOOLRAG_TEMPLATES, Target, render_inputs
 from trainers.tools import NUM_TOOLS
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from trainers import metric_names as names
 from trainers.data import Dataset
-from trainers.evaluation import target_value
+from trainers.stats import target_value
 from trainers.registry import ModelSpec
 from tuning.mlflow_store import DEFAULT_UI, run_link
 from tuning.trial_records import TrialRecord

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainers import metric_names as names
-from trainers.evaluation import mcnemar_exact, paired_difference_interval
+from trainers.stats import mcnemar_exact, paired_difference_interval
 from tuning.config import TEMPLATE_KEY
 from tuning.trial_records import TrialRecord, rank
 

@@ -21,7 +21,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from trainers import metric_names as names
-from trainers.evaluation import target_value
+from trainers import selection
+from trainers.stats import target_value
 from trainers.registry import ModelSpec
 from tuning.config import TEMPLATE_KEY, describe_target
 from tuning.trial_records import TrialRecord, best_per_template, pareto_front
@@ -164,7 +165,7 @@ def _distribution(spec: dict[str, Any], observed: list[Any]):
 
 def _importances(data: PlotInput) -> Figure | None:
     # A distance on the per-epoch subset is not comparable with one on the whole split.
-    trials = [r for r in data.ranked if r.best and r.best.get(names.FULL_VALIDATION_SET, 1.0) == 1.0
+    trials = [r for r in data.ranked if r.best and selection.scored_on_whole_validation(r.best)
               and math.isfinite(_distance(r)) and all(key in r.params for key in data.searched)]
     varying = [key for key in data.searched if len({repr(r.params[key]) for r in trials}) > 1]
     if len(trials) < MIN_IMPORTANCE_TRIALS or not varying or len({_distance(r) for r in trials}) < 2:

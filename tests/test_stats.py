@@ -8,7 +8,7 @@ import statistics
 import pytest
 import torch
 
-from trainers.evaluation import ToolRetrievalCounts, mean_interval, paper_distance, wilson_interval
+from trainers.stats import ToolRetrievalCounts, mean_interval, paper_distance, wilson_interval
 from trainers.tools import NUM_TOOLS, TOOL_NAMES
 
 Z = statistics.NormalDist().inv_cdf(0.975)  # two-sided 95%, computed here rather than imported

@@ -1,4 +1,5 @@
-"""Scoring rules from the paper, with confidence intervals and the distance to its figures.
+"""The statistics of the figures: ToolRAG's retrieval counts and rates as the paper's code
+scores them, confidence intervals, paired comparisons, and the distance to the paper's figures.
 
 ToolRAG counts are kept as sums (hits, tool counts, their squares, per-tool TP/FP/FN) so
 that Train workers can all-reduce them and every worker reports the metrics of the whole
@@ -35,6 +36,17 @@ def _normal_cdf(x: float) -> float:
     return 0.5 * (1 + math.erf(x / math.sqrt(2)))
 
 
+def paired_table(first: list[bool], second: list[bool]) -> tuple[int, int, int, int]:
+    """The 2x2 table of two outcomes on the same examples: (both succeed, only the first, only
+    the second, neither)."""
+    if len(first) != len(second):
+        raise ValueError(f"paired outcomes differ in length: {len(first)} and {len(second)}")
+    both = sum(a and b for a, b in zip(first, second))
+    first_only = sum(a and not b for a, b in zip(first, second))
+    second_only = sum(b and not a for a, b in zip(first, second))
+    return both, first_only, second_only, len(first) - both - first_only - second_only
+
+
 def mcnemar_exact(first: list[bool], second: list[bool]) -> dict[str, float]:
     """Paired comparison of two per-example outcomes: the 2x2 table and McNemar's exact test
     (a two-sided binomial test on the discordant pairs, statsmodels' `mcnemar(exact=True)`).
@@ -43,12 +55,7 @@ def mcnemar_exact(first: list[bool], second: list[bool]) -> dict[str, float]:
     """
     from statsmodels.stats.contingency_tables import mcnemar
 
-    if len(first) != len(second):
-        raise ValueError(f"paired outcomes differ in length: {len(first)} and {len(second)}")
-    both = sum(a and b for a, b in zip(first, second))
-    first_only = sum(a and not b for a, b in zip(first, second))
-    second_only = sum(b and not a for a, b in zip(first, second))
-    neither = len(first) - both - first_only - second_only
+    both, first_only, second_only, neither = paired_table(first, second)
     result = mcnemar([[both, first_only], [second_only, neither]], exact=True)
     return {"both": both, "first_only": first_only, "second_only": second_only, "neither": neither,
             "p_value": float(result.pvalue)}
@@ -60,15 +67,10 @@ def paired_difference_interval(first: list[bool], second: list[bool], z: float =
     Medicine 1998), built from each rate's Wilson interval and the outcomes' correlation. Unlike
     the Wald interval it stays inside [-1, 1] and is not symmetric where the rates are near 0
     or 1. With no discordant pair at all it is [0, 0], as the method's correlation term is 1."""
-    if len(first) != len(second):
-        raise ValueError(f"paired outcomes differ in length: {len(first)} and {len(second)}")
+    both, first_only, second_only, neither = paired_table(first, second)
     n = len(first)
     if n == 0:
         return 0.0, -1.0, 1.0
-    both = sum(a and b for a, b in zip(first, second))
-    first_only = sum(a and not b for a, b in zip(first, second))
-    second_only = sum(b and not a for a, b in zip(first, second))
-    neither = n - both - first_only - second_only
     p1, p2 = (both + first_only) / n, (both + second_only) / n
     low1, high1 = wilson_interval(both + first_only, n, z)
     low2, high2 = wilson_interval(both + second_only, n, z)
