@@ -99,7 +99,8 @@ def throughput(args, dataset, preset, folder: Path) -> None:
         one_at_a_time = _pipeline_plans(pipe, tokenizer, texts, config.max_new_tokens)
         baseline_rates.append(len(texts) / (time.perf_counter() - started))
         started = time.perf_counter()
-        batched = generate_plans(model, tokenizer, prompts, config.max_new_tokens, config.eval_batch_size, device)
+        batched = generate_plans(model, tokenizer, prompts, config.max_new_tokens, batch_size=config.eval_batch_size,
+                                 device=device)
         batched_rates.append(len(prompts) / (time.perf_counter() - started))
         agree = sum(a == b for a, b in zip(one_at_a_time, batched))
         print(f"  run {repeat + 1}: pipeline {baseline_rates[-1]:.2f} plans/s, batched {batched_rates[-1]:.2f} "
@@ -164,11 +165,11 @@ def pipeline_time(args, dataset, preset, folder: Path) -> None:
         loaded = pipeline.load_planner(folder / "planner")
         started = time.perf_counter()
         prompts = [prompt_ids(loaded.tokenizer, e.messages, config) for e in examples]
-        generate_plans(loaded.model, loaded.tokenizer, prompts, config.max_new_tokens, config.eval_batch_size,
-                       torch.device("cpu"))
+        generate_plans(loaded.model, loaded.tokenizer, prompts, config.max_new_tokens, batch_size=config.eval_batch_size,
+                       device=torch.device("cpu"))
         alone_runs.append(100 * (time.perf_counter() - started) / len(examples))
         started = time.perf_counter()
-        result = pipeline.evaluate_pipeline(folder / "planner", folder / "toolrag", examples, pool, minilm,
+        result = pipeline.evaluate_pipeline(folder / "planner", folder / "toolrag", examples, pool, encoder_folder=minilm,
                                             progress=lambda line: None)
         pipeline_runs.append(100 * (time.perf_counter() - started) / len(examples))
         parts.append({k: 100 * v / len(examples) for k, v in result.seconds.items()})

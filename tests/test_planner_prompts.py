@@ -56,7 +56,7 @@ def test_a_long_prompt_loses_its_beginning_not_the_question_or_the_plan(tokenize
     ids = encoded["input_ids"]
     prompt = [i for i, label in zip(ids, encoded["labels"]) if label == IGNORE_INDEX]
     assert len(prompt) == 128 - 48, "the prompt keeps max_length - max_new_tokens tokens, as in generation"
-    assert prompt == prompt_token_ids(tokenizer, long_messages, "instruct", 128, 48)[0]
+    assert prompt == prompt_token_ids(tokenizer, long_messages, "instruct", 128, max_new_tokens=48)[0]
     question = tokenizer(MESSAGES[1][1], add_special_tokens=False)["input_ids"]
     assert any(ids[i : i + len(question)] == question for i in range(len(ids)))
     response = tokenizer(training_target(PLAN), add_special_tokens=False)["input_ids"]

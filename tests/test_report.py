@@ -23,7 +23,7 @@ def _search(tmp_path, trials: dict[str, tuple[float, float, str] | None]) -> Sea
                                       "paper_targets": json.dumps(TARGETS), "objective": "distance"}, {}, [])
     for trial_id, figures in trials.items():
         if figures is None:
-            tracker.trial_ended(trial_id, "FAILED", "ValueError: broken", {"pos_weight": 2.0}, {})
+            tracker.trial_ended(trial_id, "FAILED", "ValueError: broken", {"pos_weight": 2.0}, fixed={})
             continue
         pos_weight, recall, template = figures
         tracker.trial_started(trial_id, {"pos_weight": pos_weight, "prompt_template": template}, {"epochs": 2})

@@ -205,7 +205,7 @@ def test_the_splits_are_dataset_inputs_of_the_parent_and_of_each_trial_as_it_use
     from tuning.mlflow_store import TEST_CONTEXT, TRAIN_CONTEXT, VALIDATION_CONTEXT, dataset_input
 
     tracker = SearchTracker(f"sqlite:///{tmp_path / 'm.db'}", "exp", max_epochs=3)
-    tracker.datasets = {context: dataset_input(f"data/{context}", context, f"digest-{context}", "/data", rows)
+    tracker.datasets = {context: dataset_input(f"data/{context}", context, f"digest-{context}", "/data", rows=rows)
                         for context, rows in ((TRAIN_CONTEXT, 90), (VALIDATION_CONTEXT, 10), (TEST_CONTEXT, 50))}
     tracker.start_parent("parent", {}, {}, [])
 

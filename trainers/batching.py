@@ -16,7 +16,7 @@ def pack_sequences(sequences: list[list[int]]) -> dict[str, torch.Tensor]:
     return {"flat": flat, "offsets": offsets}
 
 
-def length_grouped_batches(lengths: list[int], batch_size: int, epoch: int, seed: int, rank: int, world: int,
+def length_grouped_batches(lengths: list[int], batch_size: int, epoch: int, seed: int, *, rank: int, world: int,
                            group: int = 16) -> list[list[int]]:
     """This worker's batches for one epoch: shuffled, then sorted by length within windows of
     `group` batches, so a batch holds inputs of similar length and pads little.

@@ -46,6 +46,13 @@ class WorkerSession:
     device: torch.device = torch.device("cpu")
     cpus: float = 1.0
 
+    @classmethod
+    def alone(cls, device: torch.device | None = None) -> "WorkerSession":
+        """One process scoring on its own (held-out scoring after the search): rank 0 of 1."""
+        session = cls()
+        session.device = device or torch.device("cpu")
+        return session
+
     def get_checkpoint(self):
         """The run's last checkpoint (a `ray.train.Checkpoint`), or None."""
         raise NotImplementedError
@@ -373,7 +380,7 @@ def steps_per_epoch(examples: int, world: int, per_worker_batch: int) -> int:
 
 
 def adamw_with_warmup(parameters, learning_rate: float, weight_decay: float, warmup_ratio: float,
-                      total_steps: int):
+                      *, total_steps: int):
     """AdamW and a linear schedule that warms up over the first `warmup_ratio` of the steps."""
     from transformers import get_linear_schedule_with_warmup
 

@@ -136,7 +136,7 @@ class SentenceEncoder:
 
 
 def select_examples(query_vector: torch.Tensor, pool_vectors: torch.Tensor, pool: list[PoolExample],
-                    tools: frozenset[str], k: int = TOP_K_EXAMPLES) -> list[int]:
+                    tools: frozenset[str], *, k: int = TOP_K_EXAMPLES) -> list[int]:
     """Indices into `pool` of the examples TinyAgent would show: only those whose tools are all in
     `tools`; of those, the k most similar to the query (cosine), most similar first, or all of
     them in pool order when k or fewer qualify."""
@@ -205,7 +205,7 @@ class PipelineEvaluation:
 
 
 def _score_planner(planner_: Planner, prompts: dict[str, list[list[tuple[str, str]]]], targets: list[str],
-                   device: torch.device, progress: Callable[[str], None], name: str) -> dict[str, dict[str, list]]:
+                   device: torch.device, *, progress: Callable[[str], None], name: str) -> dict[str, dict[str, list]]:
     """Generate and score both prompt sets; each prompt is rendered and tokenized once."""
     out: dict[str, dict[str, list]] = {}
     for way, messages_list in prompts.items():
@@ -213,7 +213,7 @@ def _score_planner(planner_: Planner, prompts: dict[str, list[list[tuple[str, st
         cut = [cut_prompt(planner_.tokenizer, ids, planner_.max_length, planner_.max_new_tokens) for ids in full]
         started = time.perf_counter()
         texts = planner.generate_plans(planner_.model, planner_.tokenizer, [ids for ids, _ in cut],
-                                       planner_.max_new_tokens, planner_.batch_size, device)
+                                       planner_.max_new_tokens, batch_size=planner_.batch_size, device=device)
         progress(f"[evaluate] {name}, {way} prompt: {len(texts)} plans in {time.perf_counter() - started:.0f}s")
         out[way] = {"plans": texts, "success": [plan_success(text, target) for text, target in zip(texts, targets)],
                     "tokens": [len(ids) for ids in full], "cut": [was_cut for _, was_cut in cut]}
@@ -232,7 +232,8 @@ def _paired(prefix: str, first: list[bool], second: list[bool]) -> dict[str, flo
 
 
 def evaluate_pipeline(planner_folder: Path, toolrag_folder: Path, examples: list[Example], pool: list[PoolExample],
-                      encoder_folder: Path, reference_folder: Path | None = None, reference_template: str | None = None,
+                      *, encoder_folder: Path, reference_folder: Path | None = None,
+                      reference_template: str | None = None,
                       device: torch.device | None = None, progress: Callable[[str], None] = print,
                       cache_dir: Path | None = None) -> PipelineEvaluation:
     """Score the planner on `examples` with its full prompt and with ToolRAG's, and, when given,
@@ -276,14 +277,15 @@ def evaluate_pipeline(planner_folder: Path, toolrag_folder: Path, examples: list
                               for i, example in enumerate(examples)]}
     targets = [example.plan for example in examples]
     started = time.perf_counter()
-    scored = {"candidate": _score_planner(candidate, prompts, targets, device, progress, "planner")}
+    scored = {"candidate": _score_planner(candidate, prompts, targets, device, progress=progress, name="planner")}
     seconds["planner"] = time.perf_counter() - started
     if reference_folder is not None:
         # The same messages as the candidate's (its full prompt, not the reference's own), each
         # rendered in the reference's template.
         reference = load_planner(reference_folder, like=candidate, template=reference_template, device=device)
         started = time.perf_counter()
-        scored["reference"] = _score_planner(reference, prompts, targets, device, progress, "reference planner")
+        scored["reference"] = _score_planner(reference, prompts, targets, device, progress=progress,
+                                             name="reference planner")
         seconds["reference"] = time.perf_counter() - started
 
     mine = scored["candidate"]

@@ -145,14 +145,14 @@ def planner_messages(messages: list[tuple[str, str]] | tuple, system_prompt: str
 def prompt_ids(tokenizer, messages, config: PlannerConfig) -> list[int]:
     """Token ids of the generation prompt: the very prefix training puts before the plan."""
     return prompt_token_ids(tokenizer, planner_messages(messages, config.system_prompt), config.prompt_template,
-                            config.max_length, config.max_new_tokens)[0]
+                            config.max_length, max_new_tokens=config.max_new_tokens)[0]
 
 
 def encode_train_split(tokenizer, examples: list[dict[str, Any]], config: PlannerConfig) -> dict[str, torch.Tensor]:
     """Packed input ids and labels (IGNORE_INDEX on prompt tokens) of the training examples, and
     `over_max_length`: how many had prompt plus target cut to fit max_length."""
     encoded = [encode_example(tokenizer, planner_messages(e["messages"], config.system_prompt), e["plan"],
-                              config.prompt_template, config.max_length, config.max_new_tokens) for e in examples]
+                              config.prompt_template, max_length=config.max_length, max_new_tokens=config.max_new_tokens) for e in examples]
     packed = pack_sequences([e["input_ids"] for e in encoded])
     packed["labels"] = torch.tensor([label for e in encoded for label in e["labels"]], dtype=torch.int64)
     packed["over_max_length"] = torch.tensor(sum(e["over_max_length"] for e in encoded))
@@ -166,7 +166,7 @@ class CausalLMBatches(PaddedBatches):
         return self.padded(self.labels, starts, ends, longest, IGNORE_INDEX)
 
 
-def generate_plans(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
+def generate_plans(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, *, batch_size: int,
                    device: torch.device, bf16: bool = False) -> list[str]:
     """Greedy plans for token-id prompts, batched with the KV cache; returned in input order.
 
@@ -236,7 +236,7 @@ def plan_metrics(sums: torch.Tensor) -> dict[str, float]:
     }
 
 
-def evaluate(model, tokenizer, examples: list[dict[str, Any]], config: PlannerConfig, device, rank: int, world: int,
+def evaluate(model, tokenizer, examples: list[dict[str, Any]], config: PlannerConfig, *, session: WorkerSession,
              per_example: bool = False):
     """Generate and score this worker's slice of `examples`; returns (whole-set metrics, samples).
 
@@ -244,14 +244,16 @@ def evaluate(model, tokenizer, examples: list[dict[str, Any]], config: PlannerCo
     metrics include `prompts_cut`: how many prompts lost their beginning to max_length, and with
     per_example (one worker only) each plan's success under PER_EXAMPLE_SUCCESS.
     """
-    mine = examples[rank::world]
+    device = session.device
+    mine = examples[session.rank::session.world]
     built = [prompt_token_ids(tokenizer, planner_messages(e["messages"], config.system_prompt),
-                              config.prompt_template, config.max_length, config.max_new_tokens) for e in mine]
+                              config.prompt_template, config.max_length, max_new_tokens=config.max_new_tokens)
+             for e in mine]
     prompts = [ids for ids, _ in built]
     unwrapped = unwrap(model)
     unwrapped.eval()
-    predicted = generate_plans(unwrapped, tokenizer, prompts, config.max_new_tokens, config.eval_batch_size,
-                               device, config.bf16)
+    predicted = generate_plans(unwrapped, tokenizer, prompts, config.max_new_tokens, batch_size=config.eval_batch_size,
+                               device=device, bf16=config.bf16)
     unwrapped.train()
     targets = [e["plan"] for e in mine]
     sums = all_reduce_sum(score_plans(predicted, targets).to(device)).cpu()
@@ -329,7 +331,7 @@ class PlannerTrainer(EpochTrainer):
         steps = steps_per_epoch(len(self.lengths), self.world, self.per_worker_batch)
         self.optimizer, self.scheduler = adamw_with_warmup(self.trainable, config.learning_rate,
                                                            config.weight_decay, config.warmup_ratio,
-                                                           steps * config.epochs)
+                                                           total_steps=steps * config.epochs)
 
     def restore(self, state: dict[str, Any]) -> None:
         # The checkpoint is the best epoch so far: its adapter is the best state.
@@ -340,7 +342,7 @@ class PlannerTrainer(EpochTrainer):
         model, cost = self.model, EpochCost()
         self.collate.pad_tokens = self.collate.total_tokens = 0
         for indices in length_grouped_batches(self.lengths, self.per_worker_batch, epoch, self.config.seed,
-                                              self.rank, self.world):
+                                              rank=self.rank, world=self.world):
             self.optimizer.zero_grad(set_to_none=True)
             chunks = [indices[i : i + self.micro] for i in range(0, len(indices), self.micro)]
             for position, chunk in enumerate(chunks):
@@ -367,8 +369,7 @@ class PlannerTrainer(EpochTrainer):
 
     def evaluate(self, epoch: int) -> Evaluation:
         config = self.config
-        metrics, samples = evaluate(self.model, self.tokenizer, self.subset, config, self.device, self.rank,
-                                    self.world)
+        metrics, samples = evaluate(self.model, self.tokenizer, self.subset, config, session=self.session)
         metrics[names.PAPER_DISTANCE] = self._distance(metrics)
         evaluation = self.best_epoch_so_far(epoch, metrics)  # on the subset: steers early stopping
         if evaluation.improved:
@@ -377,8 +378,7 @@ class PlannerTrainer(EpochTrainer):
         if full_validation_set:  # the trial's figure: the best epoch's adapter on all of validation
             if not evaluation.improved:
                 _restore_lora_state(self.model, self.best_state)
-            metrics, samples = evaluate(self.model, self.tokenizer, self.val_examples, config, self.device,
-                                        self.rank, self.world)
+            metrics, samples = evaluate(self.model, self.tokenizer, self.val_examples, config, session=self.session)
             metrics[names.PAPER_DISTANCE] = self._distance(metrics)
             self.best_key = selection.epoch_key(metrics)
             # These are the best epoch's figures, now on the whole split: the trial's own.
@@ -441,7 +441,7 @@ def score_untuned_base(trainer_settings: dict[str, Any], split: list[dict[str, A
     config = untuned_config(trainer_settings)
     model = AutoModelForCausalLM.from_pretrained(config.model_path, dtype=torch.float32).to(device).eval()
     metrics, samples = evaluate(model, load_tokenizer(config.model_path), split[: config.max_eval_examples], config,
-                                device, rank=0, world=1, per_example=True)
+                                session=WorkerSession.alone(device), per_example=True)
     target = {config.paper_target: config.targets[config.paper_target].model_dump()}
     metrics[names.PAPER_DISTANCE] = paper_distance({config.paper_target: metrics[names.PLAN_SUCCESS]}, target)
     return metrics, samples
@@ -457,7 +457,8 @@ def score_checkpoint(directory: str, split: list[dict[str, Any]], device: torch.
     model, tokenizer, config = load_checkpoint(directory)
     model.to(device)
     limit = max_examples if max_examples is not None else config.max_eval_examples
-    metrics, samples = evaluate(model, tokenizer, split[:limit], config, device, rank=0, world=1, per_example=True)
+    metrics, samples = evaluate(model, tokenizer, split[:limit], config, session=WorkerSession.alone(device),
+                                per_example=True)
     target = {config.paper_target: config.targets[config.paper_target].model_dump()}
     metrics[names.PAPER_DISTANCE] = paper_distance({config.paper_target: metrics[names.PLAN_SUCCESS]}, target)
     return metrics, samples

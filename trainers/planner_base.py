@@ -188,7 +188,7 @@ def instruction_pieces(tokenizer, examples: list[tuple[str, str]]) -> list[tuple
     return pieces
 
 
-def train_causal_lm(model, inputs: torch.Tensor, labels: torch.Tensor, epochs: int, learning_rate: float,
+def train_causal_lm(model, inputs: torch.Tensor, labels: torch.Tensor, epochs: int, *, learning_rate: float,
                     batch_size: int, seed: int, stage: str,
                     progress: Callable[[str], None] = print) -> list[float]:
     """Full-parameter causal-LM training on packed rows; returns the mean loss per epoch."""
@@ -247,7 +247,7 @@ def base_documents(questions: list[str], settings: BaseBuildSettings) -> tuple[l
 
 
 def build_base(target: Path, questions: list[str], architecture: dict[str, Any], settings: BaseBuildSettings,
-               progress: Callable[[str], None] = print) -> Path:
+               *, progress: Callable[[str], None] = print) -> Path:
     """Build the base into `target` unless it is there already; returns `target`.
 
     questions: the training split's user messages (`Question: ...`), never their plans.
@@ -300,6 +300,6 @@ def questions_of(examples: list) -> list[str]:
 
 
 def build_base_from_examples(target: Path, examples: list, architecture: dict[str, Any],
-                             settings: BaseBuildSettings, progress: Callable[[str], None] = print) -> Path:
+                             settings: BaseBuildSettings, *, progress: Callable[[str], None] = print) -> Path:
     """`build_base` from a training split's records, reading only `questions_of` them."""
-    return build_base(target, questions_of(examples), architecture, settings, progress)
+    return build_base(target, questions_of(examples), architecture, settings, progress=progress)

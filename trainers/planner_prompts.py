@@ -45,7 +45,7 @@ def training_target(plan: str) -> str:
 
 
 def prompt_token_ids(tokenizer: Any, messages: list[tuple[str, str]], template: str, max_length: int,
-                     max_new_tokens: int) -> tuple[list[int], bool]:
+                     *, max_new_tokens: int) -> tuple[list[int], bool]:
     """(BOS + the rendered prompt's ids, whether the prompt was cut): what the model reads before
     the plan, in training and in generation alike.
 
@@ -71,7 +71,7 @@ def cut_prompt(tokenizer: Any, ids: list[int], max_length: int, max_new_tokens: 
 
 
 def encode_example(tokenizer: Any, messages: list[tuple[str, str]], plan: str, template: str,
-                   max_length: int, max_new_tokens: int) -> dict[str, Any]:
+                   *, max_length: int, max_new_tokens: int) -> dict[str, Any]:
     """input_ids and labels for causal-LM training with the loss on the response only, and
     `over_max_length`: whether prompt plus target had to be cut to fit max_length.
 
@@ -79,7 +79,7 @@ def encode_example(tokenizer: Any, messages: list[tuple[str, str]], plan: str, t
     IGNORE_INDEX. The prompt is `prompt_token_ids`, exactly what generation is given; the
     response (plan, end marker, EOS) fills the rest of max_length and is cut at its end.
     """
-    prompt, prompt_cut = prompt_token_ids(tokenizer, messages, template, max_length, max_new_tokens)
+    prompt, prompt_cut = prompt_token_ids(tokenizer, messages, template, max_length, max_new_tokens=max_new_tokens)
     response_ids = tokenizer(training_target(plan), add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         response_ids = response_ids + [tokenizer.eos_token_id]

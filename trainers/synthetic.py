@@ -346,7 +346,7 @@ def _message(rng: random.Random, state: RequestState) -> str:
         subject = _cap(about.split(" and cc ")[0].removeprefix("about ").removeprefix("that "))[:60]
         state.plan.add("compose_new_email", recipients, cc, subject, content, [attach[0]] if attach else [])
         state.done.append("sent the email")
-    return _message_clause(rng, channel, who, about, attach, carried, explicit)
+    return _message_clause(rng, channel, who, about, attach=attach, carried=carried, explicit=explicit)
 
 
 def _content(rng: random.Random, state: RequestState, carried: str | None, status: bool) -> tuple[str, str]:
@@ -370,7 +370,7 @@ def _content(rng: random.Random, state: RequestState, carried: str | None, statu
     return f"Following up about the {topic}.", f"about the {topic}"
 
 
-def _message_clause(rng: random.Random, channel: str, who: str, about: str, attach, carried,
+def _message_clause(rng: random.Random, channel: str, who: str, about: str, *, attach, carried,
                     explicit: float) -> str:
     if attach is not None:
         name = attach[1]

@@ -215,12 +215,13 @@ def _encode(tokenizer, split: dict[str, list], config: ToolRAGConfig, limit: int
     return {**pack_sequences(ids), "labels": torch.tensor(labels, dtype=torch.float32).reshape(-1, NUM_TOOLS)}
 
 
-def _evaluate(model, split: dict[str, Any], pad_id: int, config: ToolRAGConfig, device, rank: int, world: int,
+def _evaluate(model, split: dict[str, Any], pad_id: int, config: ToolRAGConfig, *, session: WorkerSession,
               per_example: bool = False):
     """Score this worker's slice of the held-out set and all-reduce the sums; with per_example
     (one worker only), also each example's recall hit under PER_EXAMPLE_SUCCESS."""
+    device = session.device
     collate = PaddedBatches(split, pad_id)
-    mine = list(range(rank, len(collate), world))
+    mine = list(range(session.rank, len(collate), session.world))
     counts = ToolRetrievalCounts.zeros()
     if per_example:
         counts.hits = []
@@ -272,7 +273,7 @@ class ToolRAGTrainer(EpochTrainer):
         trainable = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
         self.optimizer, self.scheduler = adamw_with_warmup(trainable, config.learning_rate,
                                                            config.weight_decay, config.warmup_ratio,
-                                                           steps * config.epochs)
+                                                           total_steps=steps * config.epochs)
         self.loss_fn = torch.nn.BCEWithLogitsLoss(
             pos_weight=torch.full((NUM_TOOLS,), config.pos_weight, device=self.device))
 
@@ -280,7 +281,7 @@ class ToolRAGTrainer(EpochTrainer):
         cost = EpochCost()
         self.collate.pad_tokens = self.collate.total_tokens = 0
         for indices in length_grouped_batches(self.lengths, self.per_worker_batch, epoch, self.config.seed,
-                                              self.rank, self.world, group=self.config.length_grouping):
+                                              rank=self.rank, world=self.world, group=self.config.length_grouping):
             batch = self.collate(indices)
             with autocast(self.device, self.config.bf16):
                 logits = self.model(input_ids=batch["input_ids"].to(self.device),
@@ -298,8 +299,7 @@ class ToolRAGTrainer(EpochTrainer):
         return cost
 
     def evaluate(self, epoch: int) -> Evaluation:
-        metrics = _evaluate(self.model, self.encoded["val"], self.pad_id, self.config, self.device, self.rank,
-                            self.world)
+        metrics = _evaluate(self.model, self.encoded["val"], self.pad_id, self.config, session=self.session)
         metrics[names.PAPER_DISTANCE] = paper_distance(metrics, self.targets)
         return self.best_epoch_so_far(epoch, metrics)
 
@@ -341,7 +341,7 @@ def score_checkpoint(directory: str, split: dict[str, list], device: torch.devic
     tokenizer = AutoTokenizer.from_pretrained(directory)
     limit = max_examples if max_examples is not None else config.max_eval_examples
     encoded = _encode(tokenizer, split, config, limit)
-    metrics = _evaluate(model, encoded, int(tokenizer.pad_token_id or 0), config, device, rank=0, world=1,
+    metrics = _evaluate(model, encoded, int(tokenizer.pad_token_id or 0), config, session=WorkerSession.alone(device),
                         per_example=True)
     metrics[names.PAPER_DISTANCE] = paper_distance(metrics, {k: t.model_dump() for k, t in config.targets.items()})
     return metrics, []

@@ -181,7 +181,7 @@ def predict_probabilities(pipeline: Pipeline, queries: list[str], template: str)
 
 
 def _score(pipeline: Pipeline, config: LinearToolRAGConfig, split: dict[str, list],
-           limit: int | None, per_example: bool = False) -> dict[str, float]:
+           limit: int | None, *, per_example: bool = False) -> dict[str, float]:
     queries, labels = split["queries"][:limit], split["labels"][:limit]
     probabilities = predict_probabilities(pipeline, queries, config.prompt_template)
     counts = ToolRetrievalCounts.zeros()

@@ -136,7 +136,7 @@ class SearchProgress(tune.Callback):
     this one."""
 
     def __init__(self, tracker, total: int, max_concurrent: int, time_budget_s: float | None,
-                 log_file: Path | None, started: float | None = None, out=None):
+                 *, log_file: Path | None, started: float | None = None, out=None):
         self.tracker = tracker
         self.total = total
         self.max_concurrent = max(1, max_concurrent)

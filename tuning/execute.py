@@ -63,7 +63,7 @@ def dataset_inputs(dataset: Dataset) -> dict[str, Any]:
     """The three splits as MLflow dataset inputs, by context, each with its content digest."""
     source_name = Path(dataset.source).name or dataset.source
     return {context: dataset_input(f"{source_name}/{split}", context, split_digest(examples), dataset.source,
-                                   len(examples))
+                                   rows=len(examples))
             for context, split, examples in ((TRAIN_CONTEXT, "train", dataset.train),
                                              (VALIDATION_CONTEXT, "validation", dataset.val),
                                              (TEST_CONTEXT, "test", dataset.test))}
@@ -154,13 +154,13 @@ def _run_full_budget(prepared: PreparedSearch, tracker, callbacks: list, progres
 
 
 def _search_and_score(prepared: PreparedSearch, tracker, resumed_counts, started: float,
-                      log_file: Path | None = None) -> Outcome:
+                      *, log_file: Path | None = None) -> Outcome:
     """The Tune search, the full-budget reruns, then the test split once per trial; the parent
     run is closed either way."""
     request, status, budget = prepared.request, "FAILED", None
     progress = SearchProgress(tracker, request.num_samples,
                               ray_search.lanes(request),
-                              request.time_budget_s, log_file, started=started)
+                              request.time_budget_s, log_file=log_file, started=started)
     try:
         callbacks = [tracker.callback(prepared.trial_params), progress]
         budget = ray_search.run_search(request, callbacks,
@@ -168,10 +168,11 @@ def _search_and_score(prepared: PreparedSearch, tracker, resumed_counts, started
         if request.full_budget_reruns and not budget.exhausted:
             _run_full_budget(prepared, tracker, callbacks, progress)
         holdout.score_trials_on_test(tracker, prepared.spec, prepared.test_data, request.storage_path,
-                                     request.cpus_per_worker, request.gpus_per_worker, verbose=request.verbose)
+                                     cpus_per_task=request.cpus_per_worker, gpus_per_task=request.gpus_per_worker,
+                                     verbose=request.verbose)
         holdout.score_untuned_base(tracker, prepared.spec, request.trainer_base,
                                    {"val": request.data["val"], "test": prepared.test_data},
-                                   request.cpus_per_worker, request.gpus_per_worker)
+                                   cpus_per_task=request.cpus_per_worker, gpus_per_task=request.gpus_per_worker)
         status = "FAILED" if budget.exhausted else "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -208,7 +209,7 @@ def execute(prepared: PreparedSearch) -> int:
         log_file = search_log.open(logs / console.SEARCH_LOG)
         _say_where_ray_is(started_ray, logs, log_file, request.verbose)
         tracker, resumed_counts = _open_tracking(prepared)
-        outcome = _search_and_score(prepared, tracker, resumed_counts, started, log_file)
+        outcome = _search_and_score(prepared, tracker, resumed_counts, started, log_file=log_file)
     finally:
         if started_ray:
             cluster.wait_for_placement_groups()
@@ -282,9 +283,9 @@ def _evaluate_closest_with_toolrag(prepared: PreparedSearch, outcome: Outcome) -
              for way, target in (("full", names.PLAN_SUCCESS), ("with_toolrag", names.PLAN_SUCCESS_WITH_TOOLRAG))
              if target in prepared.targets}
     print(f"[evaluate] the closest trial with ToolRAG {prepared.evaluation_toolrag.label}, on the test split", flush=True)
-    pipeline_eval.evaluate(planner, prepared.evaluation_toolrag, None, prepared.dataset, "test", None,
-                           prepared.tracking_uri, pipeline_eval.EVALUATION_EXPERIMENT, paper=paper,
-                           results_dir=prepared.results_dir)
+    pipeline_eval.evaluate(planner, prepared.evaluation_toolrag, prepared.dataset, split="test",
+                           tracking_uri=prepared.tracking_uri, experiment=pipeline_eval.EVALUATION_EXPERIMENT,
+                           paper=paper, results_dir=prepared.results_dir)
 
 
 def exit_code(outcome: Outcome) -> int:

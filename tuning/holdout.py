@@ -38,7 +38,7 @@ def _task_device(cpus: float):
     return torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
 
 
-def _score_one(model_name: str, checkpoint_path: str, storage_path: str, split_data: Any, cpus: float):
+def _score_one(model_name: str, checkpoint_path: str, storage_path: str, split_data: Any, *, cpus: float):
     """Runs in a Ray task: fetch the checkpoint (local folder or cloud storage) and score it."""
     device = _task_device(cpus)
     with _checkpoint(checkpoint_path, storage_path).as_directory() as directory:
@@ -56,7 +56,7 @@ def describe(spec: ModelSpec, metrics: dict[str, float]) -> str:
 
 
 def score_trials_on_test(tracker: SearchTracker, spec: ModelSpec, split_data: Any, storage_path: str,
-                         cpus_per_task: float, gpus_per_task: float, verbose: bool = True) -> list[TrialRecord]:
+                         *, cpus_per_task: float, gpus_per_task: float, verbose: bool = True) -> list[TrialRecord]:
     """Score every trial that has a best checkpoint and no test figures yet (a resumed search
     skips those already scored); log `test_*` on each trial's run. Returns the trials scored."""
     import ray
@@ -97,7 +97,7 @@ def _score_untuned(model_name: str, trainer_settings: dict[str, Any], split_data
 
 
 def score_untuned_base(tracker: SearchTracker, spec: ModelSpec, trainer_settings: dict[str, Any],
-                       splits: dict[str, Any], cpus_per_task: float, gpus_per_task: float) -> None:
+                       splits: dict[str, Any], *, cpus_per_task: float, gpus_per_task: float) -> None:
     """The paper's untuned row: the base before any fine-tuning, on the validation and test
     examples the trials are scored on, one Ray task per split; logged on the parent run. Skipped
     when the model has no such base, or the parent run has the row already (a resumed search)."""

@@ -87,7 +87,7 @@ TRAINING_VIEW = "workflowType=machine_learning"
 TRAIN_CONTEXT, VALIDATION_CONTEXT, TEST_CONTEXT = "training", "validation", "test"
 
 
-def dataset_input(name: str, context: str, digest: str, source: str, rows: int) -> DatasetInput:
+def dataset_input(name: str, context: str, digest: str, source: str, *, rows: int) -> DatasetInput:
     """One data split as an MLflow dataset input: the runs table shows its name, digest and
     context, and the run page its row count."""
     dataset = MlflowDataset(name=name, digest=digest, source_type="local", source=json.dumps({"uri": source}),

@@ -87,7 +87,7 @@ class OrderedSearch(_PickledState):
     """
 
     def __init__(self, param_space: dict[str, dict[str, Any]], metric: str | list[str], mode: str | list[str],
-                 sampler, lag: int, warm_start: list[dict[str, Any]] | None = None, rung_metric: str | None = None,
+                 sampler, *, lag: int, warm_start: list[dict[str, Any]] | None = None, rung_metric: str | None = None,
                  rungs: list[int] | None = None, reduction_factor: int = 2):
         import optuna
 

@@ -46,7 +46,7 @@ def _mlflow_error(error: Exception) -> str:
 
 
 def resolve_model(given: str, flag: str, tracking_uri: str, download_root: Path,
-                  role: str) -> ResolvedModel:
+                  *, role: str) -> ResolvedModel:
     """A local checkpoint folder for `given`, to serve as `role` (trainers.pipeline.ROLE_KINDS);
     UserError (or SourceUnavailable for a hub id offline) with one line naming `flag` when it
     cannot be had or cannot serve."""
@@ -148,7 +148,7 @@ def load_data(args: argparse.Namespace, planner: ResolvedModel) -> tuple[Dataset
 
 
 def record(tracking_uri: str, experiment: str, models: dict[str, ResolvedModel], params: dict[str, Any],
-           figures: dict[str, float], rows: list[dict[str, Any]], artifact_location: str | None = None) -> str:
+           *, figures: dict[str, float], rows: list[dict[str, Any]], artifact_location: str | None = None) -> str:
     """One MLflow run for the evaluation; the registered versions it names are tagged with its
     headline figures. Returns the run id."""
     import mlflow
@@ -197,7 +197,7 @@ def _cell(figures: dict[str, float], name: str) -> str:
     return f"{figures[name]:.3f} [95% CI {figures[name + '_ci_low']:.3f}, {figures[name + '_ci_high']:.3f}]"
 
 
-def _table(figures: dict[str, float], prefix: str, first: str, second: str, title: str) -> list[str]:
+def _table(figures: dict[str, float], prefix: str, first: str, second: str, *, title: str) -> list[str]:
     cells = {cell: int(figures[f"{prefix}_{cell}"]) for cell in ("both", "first_only", "second_only", "neither")}
     return [f"  paired, {title}: both succeed {cells['both']}, only {first} {cells['first_only']}, "
             f"only {second} {cells['second_only']}, neither {cells['neither']}; "
@@ -220,7 +220,7 @@ def format_figures(figures: dict[str, float], models: dict[str, ResolvedModel], 
              f"  plan success, with ToolRAG:  {_cell(figures, 'plan_success_with_toolrag')}"
              f"{beside('plan_success_with_toolrag')}"]
     lines += _table(figures, "mcnemar_full_vs_toolrag", "full prompt", "with ToolRAG",
-                    "full prompt vs with ToolRAG")
+                    title="full prompt vs with ToolRAG")
     lines.append(f"  prompt tokens per example: {figures['prompt_tokens_full']:.0f} as trained (full prompt), "
                  f"{figures['prompt_tokens_all_tools']:.0f} with all 16 tools and the dataset's examples, "
                  f"{figures['prompt_tokens_with_toolrag']:.0f} with ToolRAG "
@@ -235,7 +235,7 @@ def format_figures(figures: dict[str, float], models: dict[str, ResolvedModel], 
                   f"    plan success, with ToolRAG: {_cell(figures, 'reference_plan_success_with_toolrag')}"]
         for way, title in ((pipeline.FULL, "full prompt"), (pipeline.WITH_TOOLRAG, "with ToolRAG")):
             lines += ["  " + line for line in _table(figures, f"mcnemar_candidate_vs_reference_{way}", "candidate",
-                                                       "reference", f"candidate vs reference, {title}")]
+                                                       "reference", title=f"candidate vs reference, {title}")]
     lines.append(f"  {figures['seconds_per_100_examples']:.0f} s per 100 examples, every prompt and model included")
     return "\n".join(lines)
 
@@ -249,9 +249,9 @@ def examples_limit(planner_folder: Path, requested: int | None) -> int | None:
     return PlannerConfig.model_validate_json((planner_folder / "planner.json").read_text()).max_eval_examples
 
 
-def evaluate(planner: ResolvedModel, toolrag: ResolvedModel, reference: ResolvedModel | None, dataset: Dataset,
-             split: str, max_examples: int | None, tracking_uri: str, experiment: str,
-             reference_template: str | None = None, paper: dict[str, float] | None = None,
+def evaluate(planner: ResolvedModel, toolrag: ResolvedModel, dataset: Dataset, *, split: str, tracking_uri: str,
+             experiment: str, reference: ResolvedModel | None = None, reference_template: str | None = None,
+             max_examples: int | None = None, paper: dict[str, float] | None = None,
              results_dir: Path | None = None) -> dict[str, float]:
     """Run the pipeline evaluation on `split`, record it, print it; returns the figures."""
     encoder = resolve_source(pipeline.ENCODER_SOURCE, "model", "the sentence encoder")
@@ -261,7 +261,8 @@ def evaluate(planner: ResolvedModel, toolrag: ResolvedModel, reference: Resolved
     print(f"[evaluate] {len(examples)} {split} examples; in-context examples chosen from the {len(dataset.train)} "
           "training examples", flush=True)
     result = pipeline.evaluate_pipeline(planner.folder, toolrag.folder, examples, pipeline.example_pool(dataset.train),
-                                        encoder, reference.folder if reference else None, reference_template,
+                                        encoder_folder=encoder, reference_folder=reference.folder if reference else None,
+                                        reference_template=reference_template,
                                         progress=lambda line: print(line, flush=True),
                                         cache_dir=results_dir / "cache" / "sentence-vectors" if results_dir else None)
     models = {PLANNER: planner, TOOLRAG: toolrag} | ({REFERENCE: reference} if reference else {})
@@ -271,7 +272,8 @@ def evaluate(planner: ResolvedModel, toolrag: ResolvedModel, reference: Resolved
               "reference_template": reference_template or "the planner's"}
     # Beside the search's artifacts with a sqlite store (MLflow's default is ./mlruns of the cwd).
     artifacts = (results_dir / "mlartifacts").as_uri() if results_dir and tracking_uri.startswith("sqlite:") else None
-    run_id = record(tracking_uri, experiment, models, params, result.figures, result.rows, artifacts)
+    run_id = record(tracking_uri, experiment, models, params, figures=result.figures, rows=result.rows,
+                    artifact_location=artifacts)
     print(format_figures(result.figures, models, split, paper), flush=True)
     print(f"[mlflow] evaluation run {run_id} in {redact_uri(tracking_uri)} (experiment {experiment}); per-example "
           "table per_example.json", flush=True)
@@ -287,13 +289,14 @@ def run_evaluation(args: argparse.Namespace) -> int:
     tracking_uri = args.tracking_uri or default_tracking_uri(args.results_dir)
     args.tracking_uri = tracking_uri
     downloads = Path(args.results_dir).expanduser().resolve() / "cache" / "models"
-    planner = resolve_model(args.planner, "--planner", tracking_uri, downloads, PLANNER)
-    toolrag = resolve_model(args.toolrag, "--toolrag", tracking_uri, downloads, TOOLRAG)
-    reference = (resolve_model(args.reference_planner, "--reference-planner", tracking_uri, downloads, REFERENCE)
+    planner = resolve_model(args.planner, "--planner", tracking_uri, downloads, role=PLANNER)
+    toolrag = resolve_model(args.toolrag, "--toolrag", tracking_uri, downloads, role=TOOLRAG)
+    reference = (resolve_model(args.reference_planner, "--reference-planner", tracking_uri, downloads, role=REFERENCE)
                  if args.reference_planner else None)
     dataset, warning = load_data(args, planner)
     if warning:
         print(warning, flush=True)
-    evaluate(planner, toolrag, reference, dataset, args.split, args.max_examples, tracking_uri,
-             args.experiment_name, args.reference_template, results_dir=Path(args.results_dir).expanduser().resolve())
+    evaluate(planner, toolrag, dataset, split=args.split, tracking_uri=tracking_uri, experiment=args.experiment_name,
+             reference=reference, reference_template=args.reference_template, max_examples=args.max_examples,
+             results_dir=Path(args.results_dir).expanduser().resolve())
     return 0

@@ -199,7 +199,7 @@ def load_inputs(args: argparse.Namespace, locations: Locations) -> Inputs:
         if problem:
             raise UserError(problem)
     preset_fixed, warm_start = layer_preset_over_space(preset.trainer, preset_file, space, space_file)
-    evaluation_toolrag = _evaluation_toolrag(args, spec, preset_fixed, preset_file, locations)
+    evaluation_toolrag = _evaluation_toolrag(args, spec, preset_fixed, preset_file, locations=locations)
     dataset = _load_data(args, preset, locations.results_dir)
     if builds_base:
         model_path = spec.base_folder(locations.results_dir / "cache", dataset.split_fingerprint,
@@ -213,7 +213,7 @@ def load_inputs(args: argparse.Namespace, locations: Locations) -> Inputs:
 
 
 def _evaluation_toolrag(args: argparse.Namespace, spec: ModelSpec, preset_fixed: dict[str, Any], preset_file: Path,
-                        locations: Locations):
+                        *, locations: Locations):
     """The ToolRAG model --evaluate-with-toolrag names, as a local folder, or None. A planner
     preset measured from the paper's with-ToolRAG figure cannot run without one: its figure
     would otherwise be taken on prompts that hold every tool."""
@@ -230,7 +230,7 @@ def _evaluation_toolrag(args: argparse.Namespace, spec: ModelSpec, preset_fixed:
         raise UserError(f"--evaluate-with-toolrag: only a {' or '.join(evaluated)} search is evaluated with a "
                         f"ToolRAG model (this is a {spec.task} search)")
     return resolve_model(given, "--evaluate-with-toolrag", locations.tracking_uri,
-                         locations.results_dir / "cache" / "models", TOOLRAG)
+                         locations.results_dir / "cache" / "models", role=TOOLRAG)
 
 
 # ----- step 3: the plan -------------------------------------------------------------------

@@ -12,7 +12,7 @@ from tuning.trial_records import TrialRecord
 
 
 def register(client: MlflowClient, tracking_uri: str, experiment_id: str, record: TrialRecord,
-             registered_model_name: str, alias: str) -> str:
+             *, registered_model_name: str, alias: str) -> str:
     """Register `record`'s checkpoint (the epoch its trainer chose, `record.best_epoch`) as a new
     version of `registered_model_name`, under `alias`; returns the version."""
     tags = {"validation_paper_distance": f"{record.objective:.4f}", "epoch": str(record.best_epoch)}

@@ -313,7 +313,7 @@ def report_path(results_dir: Path, run_name: str) -> Path:
 
 
 def publish(tracking_uri: str, experiment_name: str, run_id: str | None, results_dir: Path,
-            ui_base: str = DEFAULT_UI, closing_text: str | None = None) -> Path:
+            *, ui_base: str = DEFAULT_UI, closing_text: str | None = None) -> Path:
     """Plots, description and report page for one search; returns the page's path."""
     import matplotlib.pyplot as plt
 

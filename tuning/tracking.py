@@ -39,7 +39,7 @@ class SearchTracker:
     """Owns the parent run and the child runs; `callback()` plugs it into Tune."""
 
     def __init__(self, tracking_uri: str, mlflow_experiment: str, max_epochs: int, artifact_location: str | None = None,
-                 trial_tags: dict[str, str] | None = None):
+                 *, trial_tags: dict[str, str] | None = None):
         """artifact_location: where a new experiment keeps artifacts. Left None, a sqlite store
         puts them in ./mlruns of whatever directory the search was started from. trial_tags: set
         on every trial's run (which model, task and data split: see `best_per_family`)."""
@@ -176,7 +176,7 @@ class SearchTracker:
             self.client.log_text(record.run_id, result[names.SAMPLE_PLANS], f"sample_plans/epoch-{epoch:03d}.json")
 
     def trial_ended(self, trial_id: str, status: str, error: str | None = None,
-                    params: dict[str, Any] | None = None, fixed: dict[str, Any] | None = None) -> None:
+                    params: dict[str, Any] | None = None, *, fixed: dict[str, Any] | None = None) -> None:
         if trial_id not in self.trials:  # failed before it started: still gets a run
             self.trial_started(trial_id, params or {}, fixed or {})
         record = self.trials[trial_id]
@@ -267,8 +267,8 @@ class SearchTracker:
         with_checkpoint = [r for r in ranked if r.checkpoint_path and Path(r.checkpoint_path).is_dir()]
         if not with_checkpoint:
             return None
-        return register(self.client, self.tracking_uri, self.experiment_id, with_checkpoint[0], registered_model_name,
-                        alias)
+        return register(self.client, self.tracking_uri, self.experiment_id, with_checkpoint[0],
+                        registered_model_name=registered_model_name, alias=alias)
 
     def tag_pareto_front(self, records: list[TrialRecord]) -> None:
         for record in records:
@@ -312,10 +312,10 @@ class MlflowTrialCallback(tune.Callback):
         self.tracker.trial_result(trial.trial_id, result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.tracker.trial_ended(trial.trial_id, "FINISHED", None, trial.config, self.fixed_params)
+        self.tracker.trial_ended(trial.trial_id, "FINISHED", None, trial.config, fixed=self.fixed_params)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.tracker.trial_ended(trial.trial_id, "FAILED", _error_text(trial), trial.config, self.fixed_params)
+        self.tracker.trial_ended(trial.trial_id, "FAILED", _error_text(trial), trial.config, fixed=self.fixed_params)
 
 
 def _trial_number(trial) -> int | None:
