@@ -20,8 +20,9 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable
 
+from trainers.planner_prompts import TODAY
 from trainers.synthetic import (
-    CLOSERS, FIRST_NAMES, JOINERS, LAST_NAMES, POLITE_OPENERS, TODAY, VERB_OPENERS, PlanBuilder, render_plan,
+    CLOSERS, FIRST_NAMES, JOINERS, LAST_NAMES, POLITE_OPENERS, VERB_OPENERS, PlanBuilder, render_plan,
 )
 from trainers.tools import TOOL_NAMES
 

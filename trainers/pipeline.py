@@ -25,7 +25,7 @@ from trainers.data import Example, normalize_query
 from trainers.stats import ToolRetrievalCounts, mcnemar_exact, wilson_interval
 from trainers.planner_prompts import PLANNER_TEMPLATES, cut_prompt, full_prompt_ids
 from trainers.plans import plan_success
-from trainers.synthetic import planner_system_prompt
+from trainers.planner_prompts import planner_system_prompt
 from trainers.tools import NUM_TOOLS, TOOL_NAMES, TOOLS
 
 TOP_K_EXAMPLES = 6  # TinyAgent's _DEFAULT_TOP_K

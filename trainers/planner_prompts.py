@@ -1,4 +1,6 @@
-"""How planner messages become model inputs, and which tokens the loss sees.
+"""The planner's prompts: the LLMCompiler system prompt TinyAgent's planner reads
+(`planner_system_prompt`), how planner messages become model inputs, and which tokens the loss
+sees.
 
 The reproduction found the prompt format mattered more than any other setting: sent as plain
 concatenation, TinyLlama-1.1B-32k-Instruct reached ~59% plan success; in the instruction
@@ -8,12 +10,47 @@ go through `render_prompt`.
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
-from trainers.tools import END_OF_PLAN
+from trainers.tools import END_OF_PLAN, TOOLS, Tool
 
 PLANNER_TEMPLATES = ("concat", "instruct", "chat")
 IGNORE_INDEX = -100  # label value torch's cross-entropy skips
+# The date the generated data lives on: its requests' times count from it, and the planner
+# prompt states it, as TinyAgent's states the user's.
+TODAY = dt.datetime(2024, 5, 1, 9, 0)  # a Wednesday
+
+
+def planner_system_prompt(examples: list[tuple[str, str]], tools: tuple[Tool, ...] = TOOLS) -> str:
+    """An LLMCompiler-style planner prompt: tool list, guidelines, in-context examples.
+    `tools` narrows the list, as TinyAgent does with the tools ToolRAG retrieves."""
+    tool_lines = [f"{i}. {tool.name}{tool.signature}\n - {tool.description}" for i, tool in enumerate(tools, start=1)]
+    tool_lines.append(f"{len(tools) + 1}. join():\n - Collects and combines results from prior actions.")
+    example_text = "\n###\n".join(f"Question: {q}\n{p}{END_OF_PLAN}" for q, p in examples)
+    return (
+        "Given a user query, create a plan to solve it with the utmost parallelizability. "
+        f"Each plan should comprise an action from the following {len(tools) + 1} types:\n"
+        + "\n".join(tool_lines)
+        + "\n\nGuidelines:\n"
+        " - Each action described above contains input/output types and description.\n"
+        " - Each action in the plan should strictly be one of the above types.\n"
+        " - Each action MUST have a unique ID, which is strictly increasing.\n"
+        " - Inputs for actions can either be constants or outputs from preceding actions, "
+        "written as $id.\n"
+        " - Always call join as the last action in the plan. Say '<END_OF_PLAN>' after you call join.\n"
+        " - Never introduce new actions other than the ones provided.\n"
+        f" - Today's date is {TODAY:%A %Y-%m-%d %H:%M}. Dates are 'YYYY-MM-DD HH:MM:SS'.\n"
+        " - Before sending an email or an SMS, look up each recipient's address or number, unless "
+        "the request gives it.\n\n"
+        "Here are some examples:\n" + example_text
+    )
+
+
+JOIN_SYSTEM_PROMPT = (
+    "Solve a question answering task. Read the plan's observations and decide whether the "
+    "question is answered. Reply with a Thought and then Action: Finish(<answer>) or Replan(<reason>)."
+)
 
 
 def render_prompt(messages: list[tuple[str, str]], template: str, tokenizer: Any | None = None) -> str:

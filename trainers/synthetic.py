@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from trainers.data import normalize_query
-from trainers.tools import END_OF_PLAN, JOIN_TOOL, TOOL_NAMES, TOOLS, Tool
+from trainers.planner_prompts import JOIN_SYSTEM_PROMPT, TODAY, planner_system_prompt
+from trainers.tools import JOIN_TOOL, TOOL_NAMES
 
 # Bumped whenever the same seed would give other data: cached folders carry it in their name,
 # so data from an older generator is never reused by mistake.
@@ -47,7 +48,6 @@ GENERATOR_VERSION = 2
 MARKER_FILE = "generator.json"
 MAX_CALLS = 8
 # "Today" for every request, stated in the planner prompt, so "tomorrow at 3pm" has one date.
-TODAY = dt.datetime(2024, 5, 1, 9, 0)  # a Wednesday
 
 FIRST_NAMES = [
     "Sid", "Amir", "Lutfi", "Nora", "Kenji", "Priya", "Marta", "Jonas", "Ines", "Tomasz", "Aisha", "Diego",
@@ -653,37 +653,6 @@ def _closing_thought(done: list[str]) -> str:
     steps = list(dict.fromkeys(done))
     said = steps[0] if len(steps) == 1 else ", ".join(steps[:-1]) + " and " + steps[-1]
     return f"I have {said}."
-
-
-def planner_system_prompt(examples: list[tuple[str, str]], tools: tuple[Tool, ...] = TOOLS) -> str:
-    """An LLMCompiler-style planner prompt: tool list, guidelines, in-context examples.
-    `tools` narrows the list, as TinyAgent does with the tools ToolRAG retrieves."""
-    tool_lines = [f"{i}. {tool.name}{tool.signature}\n - {tool.description}" for i, tool in enumerate(tools, start=1)]
-    tool_lines.append(f"{len(tools) + 1}. join():\n - Collects and combines results from prior actions.")
-    example_text = "\n###\n".join(f"Question: {q}\n{p}{END_OF_PLAN}" for q, p in examples)
-    return (
-        "Given a user query, create a plan to solve it with the utmost parallelizability. "
-        f"Each plan should comprise an action from the following {len(tools) + 1} types:\n"
-        + "\n".join(tool_lines)
-        + "\n\nGuidelines:\n"
-        " - Each action described above contains input/output types and description.\n"
-        " - Each action in the plan should strictly be one of the above types.\n"
-        " - Each action MUST have a unique ID, which is strictly increasing.\n"
-        " - Inputs for actions can either be constants or outputs from preceding actions, "
-        "written as $id.\n"
-        " - Always call join as the last action in the plan. Say '<END_OF_PLAN>' after you call join.\n"
-        " - Never introduce new actions other than the ones provided.\n"
-        f" - Today's date is {TODAY:%A %Y-%m-%d %H:%M}. Dates are 'YYYY-MM-DD HH:MM:SS'.\n"
-        " - Before sending an email or an SMS, look up each recipient's address or number, unless "
-        "the request gives it.\n\n"
-        "Here are some examples:\n" + example_text
-    )
-
-
-JOIN_SYSTEM_PROMPT = (
-    "Solve a question answering task. Read the plan's observations and decide whether the "
-    "question is answered. Reply with a Thought and then Action: Finish(<answer>) or Replan(<reason>)."
-)
 
 
 @dataclass
