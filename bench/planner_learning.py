@@ -104,7 +104,8 @@ def prompts_only_base(target: Path, dataset, architecture: dict[str, Any],
     rows = planner_base.packed_rows(planner_base.document_pieces(tokenizer, corpus), settings.sequence_length,
                                     settings.seed)
     planner_base.train_causal_lm(model, *rows, settings.pretrain_epochs + settings.instruction_epochs,
-                                 settings.learning_rate, settings.batch_size, settings.seed, "prompts-only pre-training")
+                                 learning_rate=settings.learning_rate, batch_size=settings.batch_size,
+                                 seed=settings.seed, stage="prompts-only pre-training")
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target

@@ -246,9 +246,10 @@ RESUME_CASES = {
     "other options": (["--num-samples", "9"], "num_samples (was '4', now '9')"),
     "other storage": (["--storage", "OTHER"], "pass the same --storage"),
     "no tune state": ([], "no saved search state"),
-    # A parent run without the tag naming its Tune run: an earlier version's, whose saved Tune
-    # state names modules this version no longer has.
+    # A parent run without the tag naming its Tune run, or with an older state version: an
+    # earlier version's, whose saved Tune state names modules this version no longer has.
     "earlier version": ([], "earlier version"),
+    "older state version": ([], "earlier version"),
 }
 
 
@@ -266,6 +267,8 @@ def test_a_search_that_cannot_be_resumed_is_refused_before_anything_changes(case
         client.set_tag(parent.info.run_id, "driver_pid", str(sleeper.pid))
     if case == "earlier version":
         client.delete_tag(parent.info.run_id, "tune_run_name")
+    if case == "older state version":
+        client.set_tag(parent.info.run_id, "search_state_version", "1")
     extra, expected = RESUME_CASES[case]
     extra = [str(tmp_path / "other") if a == "OTHER" else a for a in extra]
     before = client.get_run(parent.info.run_id)

@@ -141,7 +141,7 @@ def test_default_sizes(written, splits):
 
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_mean_distinct_tools_per_query_is_in_the_calibrated_range(splits, split):
-    """2.5 to 3.5 gold tools per query: the range the calibration aims at (README, Generated data)."""
+    """2.5 to 3.5 gold tools per query: the range the calibration aims at (docs/data.md, Generated data)."""
     records = splits[split].values()
     mean = sum(len(plan_tools(r)) for r in records) / len(records)
     assert 2.5 <= mean <= 3.5, mean

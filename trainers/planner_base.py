@@ -266,11 +266,13 @@ def build_base(target: Path, questions: list[str], architecture: dict[str, Any],
              f"{len(tokenizer)} tokens in the vocabulary; it reads {documents[0].numel():,} tokens of "
              f"{len(corpus):,} documents, then {tuning[0].numel():,} tokens of {len(instructions):,} instructions; "
              f"no TinyAgent plan")
-    pretrain_losses = train_causal_lm(model, *documents, settings.pretrain_epochs, settings.learning_rate,
-                                      settings.batch_size, settings.seed, "pre-training", progress)
+    pretrain_losses = train_causal_lm(model, *documents, settings.pretrain_epochs, learning_rate=settings.learning_rate,
+                                      batch_size=settings.batch_size, seed=settings.seed, stage="pre-training",
+                                      progress=progress)
     instruction_losses = train_causal_lm(model, *tuning, settings.instruction_epochs,
-                                         settings.instruction_learning_rate, settings.batch_size, settings.seed + 1,
-                                         "instruction tuning", progress)
+                                         learning_rate=settings.instruction_learning_rate,
+                                         batch_size=settings.batch_size, seed=settings.seed + 1,
+                                         stage="instruction tuning", progress=progress)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mlflow.exceptions import MlflowException
+
 from trainers import metric_names as names
 from trainers.data import Dataset, split_digest
 from tuning import closing_table, cluster, console, full_budget, holdout, pipeline_eval, ray_search, report
@@ -91,21 +93,28 @@ def _totals(tracker, started: float) -> dict[str, float]:
     return totals
 
 
-def _close(prepared: PreparedSearch, tracker, status: str, started: float) -> Outcome:
-    """Rank, register the closest trial, mark the Pareto front and close the parent run: done
-    whatever went wrong before, so the record is complete."""
-    ranked = tracker.ranked()
-    outcome = Outcome(status=status, ranked=ranked, totals=_totals(tracker, started))
+def _close(prepared: PreparedSearch, tracker, status: str, started: float, *, budget,
+           resumed_counts: dict[str, int] | None) -> Outcome:
+    """Rank, compare, register the closest trial, mark the Pareto front and close the parent
+    run: done whatever went wrong before, so the record is complete."""
+    ranked, totals = tracker.ranked(), _totals(tracker, started)
+    comparison_lines, registered_version, front, family_bests = [], None, [], []
     try:  # whatever goes wrong while marking, the parent run is closed
-        outcome.comparison_lines = _compare(prepared, tracker)
+        comparison_lines = _compare(prepared, tracker)
         if ranked:
-            outcome.registered_version = tracker.mark_closest(prepared.top_k, prepared.spec.registered_model)
+            registered_version = tracker.mark_closest(prepared.top_k, prepared.spec.registered_model)
         if prepared.request.objective == "pareto":
-            outcome.front = pareto_front(ranked, prepared.spec.pareto)
-            tracker.tag_pareto_front(outcome.front)
+            front = pareto_front(ranked, prepared.spec.pareto)
+            tracker.tag_pareto_front(front)
     finally:
-        tracker.finish_parent(status, outcome.totals)
-    return outcome
+        tracker.finish_parent(status, totals)
+    try:
+        family_bests = best_per_family(tracker.client, prepared.spec.task, prepared.dataset.split_fingerprint)
+    except MlflowException as error:  # a comparison the store cannot give must not hide the search's own table
+        print(f"[mlflow] could not compare with other models' searches: {str(error).splitlines()[0]}", flush=True)
+    return Outcome(status=status, ranked=ranked, totals=totals, front=front, registered_version=registered_version,
+                   budget=budget, resumed_counts=resumed_counts, family_bests=family_bests,
+                   comparison_lines=comparison_lines)
 
 
 def _compare(prepared: PreparedSearch, tracker) -> list[str]:
@@ -178,16 +187,15 @@ def _search_and_score(prepared: PreparedSearch, tracker, resumed_counts, started
         status = "KILLED"
         raise
     finally:
-        outcome = _close(prepared, tracker, status, started)
-        outcome.budget, outcome.resumed_counts = budget, resumed_counts
+        outcome = _close(prepared, tracker, status, started, budget=budget, resumed_counts=resumed_counts)
     return outcome
 
 
 def execute(prepared: PreparedSearch) -> int:
-    """Run the prepared search; returns the process exit code."""
+    """Run the prepared search, in this order: build the base, start Ray, open the MLflow records,
+    search, rerun to full budget, score the test split, close and rank, print the closing table,
+    publish the report. Returns the process exit code."""
     import ray
-    from mlflow.exceptions import MlflowException
-
 
     request = prepared.request
     search_log = console.route_logs(request.verbose)
@@ -201,7 +209,7 @@ def execute(prepared: PreparedSearch) -> int:
         # Before anything is written: a request no node can hold would leave every trial
         # PENDING forever.
         problem = cluster.infeasible_request(request.workers_per_trial, request.cpus_per_worker,
-                                                request.gpus_per_worker)
+                                             request.gpus_per_worker)
         if problem:
             raise UserError(problem)
         prepared.results_dir.mkdir(parents=True, exist_ok=True)
@@ -214,10 +222,6 @@ def execute(prepared: PreparedSearch) -> int:
         if started_ray:
             cluster.wait_for_placement_groups()
             ray.shutdown()
-    try:
-        outcome.family_bests = best_per_family(tracker.client, prepared.spec.task, prepared.dataset.split_fingerprint)
-    except MlflowException as error:  # a comparison the store cannot give must not hide the search's own table
-        print(f"[mlflow] could not compare with other models' searches: {str(error).splitlines()[0]}", flush=True)
     closing = closing_table.format_closing(prepared, outcome, tracker)
     print(closing)
     _publish_report(prepared, tracker, closing)

@@ -32,7 +32,9 @@ from tuning.cluster import check_address
 from tuning.mlflow_store import default_tracking_uri, redact_uri, sqlite_path
 from tuning.pipeline_eval import TOOLRAG, resolve_model
 from tuning.ray_search import SearchRequest, resolve_trial_runner
-from tuning.resume import TUNE_RUN_TAG, check_same_search, search_to_resume, tune_run_name
+from tuning.resume import (
+    STATE_VERSION, STATE_VERSION_TAG, TUNE_RUN_TAG, check_same_search, search_to_resume, tune_run_name,
+)
 from tuning.search_plan import Inputs, Locations, PreparedSearch
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -328,7 +330,8 @@ def plan_search(args: argparse.Namespace, locations: Locations, inputs: Inputs) 
         trial_tags={"model": spec.name, "task": spec.task, "family": spec.family,
                     "data_split": dataset.split_fingerprint},
         parent_params=parent_params,
-        parent_tags={"git_commit": _git_commit(), "storage": redact_uri(locations.storage), TUNE_RUN_TAG: tune_name},
+        parent_tags={"git_commit": _git_commit(), "storage": redact_uri(locations.storage), TUNE_RUN_TAG: tune_name,
+                     STATE_VERSION_TAG: STATE_VERSION},
         base_build=base_build, resume_parent_id=inputs.resumed_run.info.run_id if inputs.resumed_run else None,
         test_data=spec.split_payload(dataset.test), data_metrics=data_metrics(dataset),
         evaluation_toolrag=inputs.evaluation_toolrag,

@@ -25,6 +25,10 @@ from tuning.mlflow_store import latest_search, redact_uri, sqlite_path
 
 # The parent-run tag naming the search's Tune run (its folder under STORAGE/tune).
 TUNE_RUN_TAG = "tune_run_name"
+# Tune's saved state names the trainable by module and function. When they move, a search saved
+# by an earlier version cannot be restored: this version, on the parent run, says which can.
+# 2: the trainables live in tuning/trainables.py and take a TrialContext.
+STATE_VERSION_TAG, STATE_VERSION = "search_state_version", "2"
 # Beside each trial's Train run: its final result, written by the driver when the trial ends.
 # A resumed search replays it instead of training a finished trial again.
 FINAL_RESULT_FILE = "final_result.json"
@@ -129,9 +133,9 @@ def search_to_resume(mlflow_experiment: str, tracking_uri: str, storage: str):
     pid = driver_alive(tags) if run.info.status == "RUNNING" else None
     if pid is not None:
         raise UserError(f"--resume: the search {name} is still running (pid {pid}); stop it before resuming")
-    if TUNE_RUN_TAG not in tags:
-        # Searches started before the model registry saved Tune state that names modules and a
-        # trainable this version no longer has; Tune cannot restore it.
+    if TUNE_RUN_TAG not in tags or tags.get(STATE_VERSION_TAG) != STATE_VERSION:
+        # Tune state that names modules and a trainable this version no longer has: Tune
+        # cannot restore it.
         raise UserError(f"--resume: the search {name} was started by an earlier version of this project, whose "
                         "saved state this version cannot restore; run without --resume to start a new one")
     if tags.get("storage") != redact_uri(storage):
