@@ -19,7 +19,7 @@ def _search(tmp_path, trials: dict[str, tuple[float, float, str] | None]) -> Sea
     """A finished search: {trial: (pos_weight, recall, template), or None for a trial that failed}."""
     tracker = SearchTracker(f"sqlite:///{tmp_path / 'm.db'}", "exp", max_epochs=2,
                             artifact_location=(tmp_path / "artifacts").as_uri())
-    tracker.start_parent("search-1", {"model_name": "toolrag", "search_space": json.dumps(SPACE),
+    tracker.start_parent("search-1", {"model": "toolrag", "search_space": json.dumps(SPACE),
                                       "paper_targets": json.dumps(TARGETS), "objective": "distance"}, {}, [])
     for trial_id, figures in trials.items():
         if figures is None:

@@ -262,7 +262,9 @@ def _trainer_base(args: argparse.Namespace, inputs: Inputs, locations: Locations
 def _parent_params(args: argparse.Namespace, inputs: Inputs, request: SearchRequest) -> dict[str, Any]:
     dataset = inputs.dataset
     return {
-        "model": args.model, "model_name": inputs.spec.name, "family": inputs.spec.family,
+        # One name per meaning, as on every trial's run: the task (--model on the command line)
+        # and the registry's model that learns it.
+        "task": inputs.spec.task, "model": inputs.spec.name, "family": inputs.spec.family,
         "preset": inputs.preset_name, "objective": request.objective,
         "num_samples": request.num_samples, "seed": request.seed, "workers_per_trial": request.workers_per_trial,
         "max_failed_trials": request.max_failed_trials, "trial_runner": request.trial_runner,

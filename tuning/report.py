@@ -93,7 +93,9 @@ def find_search(client: MlflowClient, experiment_name: str, run_id: str | None =
 def load_search(client: MlflowClient, experiment_name: str, run_id: str | None = None) -> SearchView:
     experiment, parent = find_search(client, experiment_name, run_id)
     params = parent.data.params
-    spec = MODELS[params["model_name"]]
+    # A search recorded before the task and the model had one name each kept the model under
+    # model_name (and the task under model).
+    spec = MODELS[params.get("model_name", params.get("model"))]
     searched = json.loads(params.get("search_space", "{}"))
     children = child_runs(client, experiment.experiment_id, parent.info.run_id)
     records = sorted((record_from_run(client, run, list(searched)) for run in children), key=lambda r: r.started)
