@@ -51,7 +51,7 @@ def test_nothing_listens_on_all_interfaces_and_ssh_is_the_only_opening():
 
 def test_setup_installs_the_readme_pins():
     setup = " ".join(CLUSTER["setup_commands"])
-    assert "torch==2.13.0" in setup and "-e" in setup
+    assert "torch==2.13.0" in setup and "-e" in setup and "constraints.txt" in setup
     dependencies = tomllib.loads((PROJECT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert "torch==2.13.0" in dependencies
     assert "ray[default,tune,train]==2.60.0" in dependencies

@@ -6,6 +6,7 @@ and rank, print the closing table, publish the report.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from trainers.data import Dataset, split_digest
 from tuning import closing_table, cluster, console, full_budget, holdout, pipeline_eval, ray_search, report
 from tuning.config import UserError
 from tuning.console import SearchProgress
+from tuning.job_context import STOP, SearchStopped, job_tags
 from tuning.mlflow_store import (
     TEST_CONTEXT, TRAIN_CONTEXT, VALIDATION_CONTEXT, best_per_family, dataset_input, default_tracking_uri, redact_uri,
     sqlite_path,
@@ -50,6 +52,8 @@ def _open_tracking(prepared: PreparedSearch):
     found = None
     if prepared.resume_parent_id:
         found = tracker.reattach(prepared.resume_parent_id, list(request.param_space))
+        for key, value in job_tags().items():  # the job that drives it now (tuning/jobs.py)
+            tracker.set_parent_tag(key, value)
         print(f"[resume] parent run {tracker.parent_run_id} ({prepared.parent_run_name}) continues: "
               f"{found['finished']} trials ended, {found['failed']} failed, {found['interrupted']} interrupted "
               "(these continue from their last checkpoint)", flush=True)
@@ -94,7 +98,7 @@ def _totals(tracker, started: float) -> dict[str, float]:
 
 
 def _close(prepared: PreparedSearch, tracker, status: str, started: float, *, budget,
-           resumed_counts: dict[str, int] | None) -> Outcome:
+           resumed_counts: dict[str, int] | None, reason: str | None = None) -> Outcome:
     """Rank, compare, register the closest trial, mark the Pareto front and close the parent
     run: done whatever went wrong before, so the record is complete."""
     ranked, totals = tracker.ranked(), _totals(tracker, started)
@@ -107,7 +111,7 @@ def _close(prepared: PreparedSearch, tracker, status: str, started: float, *, bu
             front = pareto_front(ranked, prepared.spec.pareto)
             tracker.tag_pareto_front(front)
     finally:
-        tracker.finish_parent(status, totals)
+        tracker.finish_parent(status, totals, reason)
     try:
         family_bests = best_per_family(tracker.client, prepared.spec.task, prepared.dataset.split_fingerprint)
     except MlflowException as error:  # a comparison the store cannot give must not hide the search's own table
@@ -166,7 +170,7 @@ def _search_and_score(prepared: PreparedSearch, tracker, resumed_counts, started
                       *, log_file: Path | None = None) -> Outcome:
     """The Tune search, the full-budget reruns, then the test split once per trial; the parent
     run is closed either way."""
-    request, status, budget = prepared.request, "FAILED", None
+    request, status, budget, reason = prepared.request, "FAILED", None, None
     progress = SearchProgress(tracker, request.num_samples,
                               ray_search.lanes(request),
                               request.time_budget_s, log_file=log_file, started=started)
@@ -183,11 +187,15 @@ def _search_and_score(prepared: PreparedSearch, tracker, resumed_counts, started
                                    {"val": request.data["val"], "test": prepared.test_data},
                                    cpus_per_task=request.cpus_per_worker, gpus_per_task=request.gpus_per_worker)
         status = "FAILED" if budget.exhausted else "FINISHED"
+    except SearchStopped as stopped:
+        status, reason = "KILLED", f"the search was {stopped}; the same command with --resume continues it"
+        raise
     except KeyboardInterrupt:
-        status = "KILLED"
+        status, reason = "KILLED", "the search was interrupted (Ctrl+C); the same command with --resume continues it"
         raise
     finally:
-        outcome = _close(prepared, tracker, status, started, budget=budget, resumed_counts=resumed_counts)
+        outcome = _close(prepared, tracker, status, started, budget=budget, resumed_counts=resumed_counts,
+                         reason=reason)
     return outcome
 
 
@@ -198,6 +206,8 @@ def execute(prepared: PreparedSearch) -> int:
     import ray
 
     request = prepared.request
+    if threading.current_thread() is threading.main_thread():
+        STOP.install()  # SIGTERM (ray job stop, kill) ends the search cleanly, resumable
     search_log = console.route_logs(request.verbose)
     if prepared.base_build is not None:
         # Before Ray starts: its idle processes took ~15% of the 2 cores from a laptop build.

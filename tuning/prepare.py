@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from tuning.config import (
     load_search_space, load_targets, preset_path, shipped_presets,
 )
 from tuning.cluster import check_address
+from tuning.job_context import git_commit, job_tags
 from tuning.mlflow_store import default_tracking_uri, redact_uri, sqlite_path
 from tuning.pipeline_eval import TOOLRAG, resolve_model
 from tuning.ray_search import SearchRequest, resolve_trial_runner
@@ -37,7 +37,6 @@ from tuning.resume import (
 )
 from tuning.search_plan import Inputs, Locations, PreparedSearch
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
 EXPERIMENT_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 # Trainer settings that say where things live on this machine: logged on the parent run, not
 # on every trial.
@@ -86,8 +85,9 @@ def trial_runner(args: argparse.Namespace) -> str:
                                 args.gpus_per_worker, args.address)
 
 
-def check_options(args: argparse.Namespace) -> Locations:
-    """Check the flags that need no file read: numbers, where results go, the cluster."""
+def check_options(args: argparse.Namespace, check_cluster: bool = True) -> Locations:
+    """Check the flags that need no file read: numbers, where results go, the cluster (unless
+    the search is submitted as a job: the cluster is then checked where the job runs)."""
     _check_numbers(args)
     results_dir = Path(args.results_dir).expanduser().resolve()
     _check_writable(results_dir, "--results-dir")
@@ -104,8 +104,7 @@ def check_options(args: argparse.Namespace) -> Locations:
         _check_writable(sqlite_file, "--tracking-uri")
     elif not tracking_uri.startswith(("http://", "https://", "databricks")):
         raise UserError(f"--tracking-uri {tracking_uri}: expected sqlite:////abs/path.db or http(s)://host:port")
-    if args.address:
-
+    if args.address and check_cluster:
         problem = check_address(args.address)
         if problem:
             raise UserError(f"--address {args.address}: {problem}")
@@ -332,27 +331,20 @@ def plan_search(args: argparse.Namespace, locations: Locations, inputs: Inputs) 
         trial_tags={"model": spec.name, "task": spec.task, "family": spec.family,
                     "data_split": dataset.split_fingerprint},
         parent_params=parent_params,
-        parent_tags={"git_commit": _git_commit(), "storage": redact_uri(locations.storage), TUNE_RUN_TAG: tune_name,
-                     STATE_VERSION_TAG: STATE_VERSION},
+        parent_tags={"git_commit": git_commit(), "storage": redact_uri(locations.storage), TUNE_RUN_TAG: tune_name,
+                     STATE_VERSION_TAG: STATE_VERSION, **job_tags()},
         base_build=base_build, resume_parent_id=inputs.resumed_run.info.run_id if inputs.resumed_run else None,
         test_data=spec.split_payload(dataset.test), data_metrics=data_metrics(dataset),
         evaluation_toolrag=inputs.evaluation_toolrag,
     )
 
 
-def prepare(args: argparse.Namespace) -> PreparedSearch:
+def prepare(args: argparse.Namespace, check_cluster: bool = True) -> PreparedSearch:
     """Validate every input and plan the search; raises UserError (or DataError /
-    SourceUnavailable, also the user's to fix)."""
-    locations = check_options(args)
+    SourceUnavailable, also the user's to fix). check_cluster=False leaves --address to the
+    job that runs the search on the cluster (tuning/jobs.py)."""
+    locations = check_options(args, check_cluster)
     inputs = load_inputs(args, locations)
     print(closing_table.format_data_summary(inputs.dataset), flush=True)
     print(closing_table.format_targets(inputs.spec, inputs.targets, _generated_data(args)), flush=True)
     return plan_search(args, locations, inputs)
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_DIR, capture_output=True, text=True,
-                              timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"

@@ -21,6 +21,7 @@ from typing import Any
 
 from trainers import metric_names as names
 from tuning.cluster import default_concurrency, rerun_cpu_share
+from tuning.job_context import STOP
 from tuning.storage import train_storage, tune_storage
 from tuning.trainables import TrialContext, trial_trainable
 
@@ -269,13 +270,16 @@ def _fit(tuner, verbose: bool) -> None:
     previous = os.environ.get("RAY_AIR_NEW_OUTPUT")
     if not verbose:
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    STOP.in_tune = True  # a SIGTERM now asks Tune to save its state and return
     try:
         tuner.fit()
     finally:
+        STOP.in_tune = False
         if previous is None:
             os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
         else:
             os.environ["RAY_AIR_NEW_OUTPUT"] = previous
+    STOP.check()  # Tune returned because it was told to stop: the search ends here
 
 
 def run_full_budget(request: SearchRequest, configs: list[dict[str, Any]], callbacks: list[Any]) -> dict[str, int]:

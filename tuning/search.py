@@ -7,6 +7,8 @@
     python tuning/search.py --model planner                 # laptop planner: builds a small base once
     python tuning/search.py --model planner --smoke
     python tuning/search.py --model planner --resume        # after a crash: same options plus --resume
+    python tuning/search.py --model planner --preset paper ... --submit --address http://127.0.0.1:8265
+                                                            # as a Ray Job on a cluster; returns at once
 
 Parse, validate, run, report: the work lives in tuning/prepare.py and tuning/execute.py.
 """
@@ -53,7 +55,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="in-process: each trial trains in one reused process (one CPU worker); ray-train: each "
                              "trial fits a TorchTrainer with its own worker group (several workers, GPUs, clusters). "
                              "auto (default): in-process for one CPU worker per trial on a local Ray, else ray-train")
-    parser.add_argument("--address", help="Ray cluster address, e.g. 'auto' on a cluster head (default: start a local Ray)")
+    parser.add_argument("--address", help="Ray cluster address, e.g. 'auto' on a cluster head (default: start a local "
+                                          "Ray); with --submit, the cluster's dashboard, e.g. http://127.0.0.1:8265 "
+                                          "(default: RAY_ADDRESS)")
+    parser.add_argument("--submit", action="store_true",
+                        help="check the search here, then run it as a Ray Job on the cluster --address names, and "
+                             "return at once (python -m tuning.jobs lists the searches; ray job logs / ray job stop "
+                             "follow and stop one). Results go to --results-dir on the head (default "
+                             "~/tinyagent-results)")
     parser.add_argument("--storage", help="Ray storage: a shared folder or s3://... (default: RESULTS_DIR/ray)")
     parser.add_argument("--tracking-uri", help="MLflow store (default: sqlite:////abs/RESULTS_DIR/mlflow.db)")
     parser.add_argument("--experiment-name", help="MLflow experiment (default: tinyagent-MODEL-PRESET)")
@@ -88,19 +97,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     from trainers.data import DataError
     from trainers.models import SourceUnavailable
     from tuning.config import UserError
     from tuning.execute import execute
+    from tuning.job_context import SearchStopped
     from tuning.prepare import prepare
 
     try:
+        if args.submit:
+            from tuning import jobs
+
+            return jobs.submit(argv, args.address, parse_args)
         prepared = prepare(args)
         return execute(prepared)
     except (UserError, DataError, SourceUnavailable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except SearchStopped as stopped:
+        print(f"[search] {stopped}: Tune's state is saved and every MLflow run is closed; the same command "
+              "with --resume continues the search", file=sys.stderr)
+        return 143  # 128 + SIGTERM
 
 
 if __name__ == "__main__":

@@ -115,11 +115,14 @@ class SearchTracker:
         they started after Tune last saved its state, so Tune does not know them."""
         return [r for r in self.trials.values() if r.status == "KILLED" and r.interrupted]
 
-    def finish_parent(self, status: str, totals: dict[str, float]) -> None:
-        """Close every run still open (as KILLED), then the parent with its totals."""
+    def finish_parent(self, status: str, totals: dict[str, float], reason: str | None = None) -> None:
+        """Close every run still open (as KILLED, with `reason` or "search ended before the
+        trial did"), then the parent with its totals (and `reason` as its `stopped_because` tag)."""
         for record in self.trials.values():
             if record.status == "RUNNING":
-                self._end_child(record, "KILLED", error=record.error or "search ended before the trial did")
+                self._end_child(record, "KILLED", error=record.error or reason or "search ended before the trial did")
+        if self.parent_run_id is not None and reason:
+            self.client.set_tag(self.parent_run_id, "stopped_because", reason)
         if self.parent_run_id is None:
             return
         now = int(time.time() * 1000)
