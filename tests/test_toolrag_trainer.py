@@ -263,8 +263,9 @@ def test_an_in_process_run_killed_mid_way_goes_on_from_its_last_checkpoint(small
     assert all(e["resumed_from_epoch"] == 1 for e in again)
     # The best distance carried over: epoch 2 is compared with epoch 1's, not with infinity.
     assert again[0]["best_paper_distance"] == min(killed[0]["paper_distance"], again[0]["paper_distance"])
-    # One checkpoint is kept: the best epoch's (the first to reach the lowest distance).
-    best = min(killed + again, key=lambda e: e["paper_distance"])
+    # One checkpoint is kept: the best epoch's (the lowest distance; a tie goes to the later
+    # epoch, trainers/selection.py).
+    best = min(reversed(killed + again), key=lambda e: e["paper_distance"])
     assert sorted(p.name for p in run_dir.iterdir()) == [f"checkpoint_epoch_{best['epoch']:04d}"]
     assert [e["checkpoint_path"] for e in killed + again if e.get("checkpoint_path")][-1] == str(
         run_dir / f"checkpoint_epoch_{best['epoch']:04d}")
