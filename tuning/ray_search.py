@@ -230,12 +230,13 @@ def trial_context(request: SearchRequest, **changes: Any) -> TrialContext:
 
     from trainers.registry import MODELS
 
-    return TrialContext(
+    fields = dict(
         train_fn_per_worker=MODELS[request.model].train_fn_per_worker, tune_run_name=request.tune_run_name,
         trainer_base=request.trainer_base, data=ray.put(request.data), data_fingerprint=request.data_fingerprint,
         workers_per_trial=request.workers_per_trial, cpus_per_worker=request.cpus_per_worker,
         gpus_per_worker=request.gpus_per_worker, train_storage_path=train_storage(request.storage_path),
-        retries_per_trial=request.retries_per_trial, **changes)
+        retries_per_trial=request.retries_per_trial)
+    return TrialContext(**{**fields, **changes})
 
 
 def trial_restarts(request: SearchRequest) -> int:
