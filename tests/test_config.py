@@ -434,6 +434,8 @@ def test_smoke_runs_a_presets_own_smoke_variant_or_the_tiny_transformer():
     assert smoke_preset("toolrag", "linear") == "linear-smoke"
     assert smoke_preset("toolrag", "linear-smoke") == "linear-smoke", "a smoke preset is its own smoke run"
     assert smoke_preset("toolrag", "local") == "tiny" and smoke_preset("planner", "paper") == "tiny"
+    with pytest.raises(UserError, match="--preset nope: not one of"):
+        smoke_preset("toolrag", "nope")  # --smoke does not hide an unknown preset
     preset, spec = load_preset("toolrag", smoke_preset("toolrag", "linear"))
     assert spec.family == "linear" and preset.search.num_samples < load_preset("toolrag", "linear")[0].search.num_samples
 

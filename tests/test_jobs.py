@@ -114,8 +114,13 @@ def test_a_stopped_job_leaves_nothing_running_and_resumes_without_losing_a_trial
     job_id = _submit(head, argv, capsys)
     _wait(head, job_id, {"RUNNING"})
     deadline = time.time() + 600
+    # Read the store only once the job has created it: two processes creating one sqlite
+    # store's tables at once collide.
+    while "[mlflow] parent run" not in head["client"].get_job_logs(job_id):
+        assert time.time() < deadline, head["client"].get_job_logs(job_id)[-3000:]
+        time.sleep(1)
     while True:  # stop it once a trial has ended and another runs
-        parents, trials = _runs(root, "jobs-stop") if (root / "mlflow.db").exists() else ([], [])
+        parents, trials = _runs(root, "jobs-stop")
         if any(t.info.status == "FINISHED" for t in trials) and any(t.info.status == "RUNNING" for t in trials):
             break
         assert time.time() < deadline, head["client"].get_job_logs(job_id)[-3000:]

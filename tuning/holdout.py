@@ -68,7 +68,7 @@ def score_trials_on_test(tracker: SearchTracker, spec: ModelSpec, split_data: An
           "once each", flush=True)
     task = ray.remote(_score_one).options(num_cpus=cpus_per_task, num_gpus=gpus_per_task)
     data_ref = ray.put(split_data)
-    futures = {task.remote(spec.name, r.checkpoint_path, storage_path, data_ref, cpus_per_task): r for r in pending}
+    futures = {task.remote(spec.name, r.checkpoint_path, storage_path, data_ref, cpus=cpus_per_task): r for r in pending}
     scored = []
     while futures:
         ready, _ = ray.wait(list(futures), num_returns=1)

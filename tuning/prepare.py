@@ -139,6 +139,7 @@ def _load_data(args: argparse.Namespace, preset: Preset, results_dir: Path) -> D
 def smoke_preset(task: str, preset: str) -> str:
     """The preset `--smoke` runs instead of `preset`: its own `<preset>-smoke` when one is
     shipped (linear-smoke), else `tiny` (the transformer at test size)."""
+    preset_path(task, preset)  # an unknown preset is refused, --smoke or not
     shipped = shipped_presets(task)
     if preset.endswith("-smoke") and preset in shipped:
         return preset
