@@ -28,8 +28,15 @@ def _free_port() -> int:
 def head(tmp_path_factory):
     """`ray start --head --block` on 127.0.0.1 with a temporary folder; its dashboard URL.
     Stopping the blocking process stops the head and everything it started."""
+    import secrets
+
     temp = tmp_path_factory.mktemp("ray-head")
     dashboard_port = _free_port()
+    # Token authentication, as Ray turns on by default once a token exists: the head, its jobs
+    # and this process's job client share one token made for the test.
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    saved = {key: os.environ.get(key) for key in auth}
+    os.environ.update(auth)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     log = (temp / "ray-start.log").open("w")
     process = subprocess.Popen(
@@ -49,9 +56,16 @@ def head(tmp_path_factory):
         except Exception:
             assert process.poll() is None and time.time() < deadline, (temp / "ray-start.log").read_text()[-3000:]
             time.sleep(1)
-    yield {"address": address, "client": client}
-    os.killpg(process.pid, signal.SIGTERM)
-    process.wait(timeout=60)
+    try:
+        yield {"address": address, "client": client}
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _search_argv(root: Path, experiment: str, *extra: str) -> list[str]:
