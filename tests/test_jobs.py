@@ -28,13 +28,12 @@ def _free_port() -> int:
 def head(tmp_path_factory):
     """`ray start --head --block` on 127.0.0.1 with a temporary folder; its dashboard URL.
     Stopping the blocking process stops the head and everything it started."""
-    import secrets
-
     temp = tmp_path_factory.mktemp("ray-head")
     dashboard_port = _free_port()
-    # Token authentication, as Ray turns on by default once a token exists: the head, its jobs
-    # and this process's job client share one token made for the test.
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    # Ray turns token authentication on when a token exists in ~/.ray, which depends on what
+    # ran on this machine before; this head, bound to 127.0.0.1 for the test, runs without it
+    # whatever the machine's state, and so does this process's job client.
+    auth = {"RAY_AUTH_MODE": "disabled"}
     saved = {key: os.environ.get(key) for key in auth}
     os.environ.update(auth)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -42,25 +41,30 @@ def head(tmp_path_factory):
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={_free_port()}",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-         "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp}", "--include-dashboard=true"],
+         "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp}", "--include-dashboard=true",
+         # Its own agent port: another Ray on this machine holds the default one.
+         f"--dashboard-agent-listen-port={_free_port()}"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard_port}"
     from ray.job_submission import JobSubmissionClient
 
-    deadline = time.time() + 120
-    while True:
-        try:
-            client = JobSubmissionClient(address)
-            client.list_jobs()
-            break
-        except Exception:
-            assert process.poll() is None and time.time() < deadline, (temp / "ray-start.log").read_text()[-3000:]
-            time.sleep(1)
     try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                client = JobSubmissionClient(address)
+                client.list_jobs()
+                break
+            except Exception:
+                assert process.poll() is None and time.time() < deadline, (temp / "ray-start.log").read_text()[-3000:]
+                time.sleep(1)
         yield {"address": address, "client": client}
-    finally:
+    finally:  # the head goes, whether or not it came up
         os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=60)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

@@ -206,8 +206,6 @@ def execute(prepared: PreparedSearch) -> int:
     import ray
 
     request = prepared.request
-    if threading.current_thread() is threading.main_thread():
-        STOP.install()  # SIGTERM (ray job stop, kill) ends the search cleanly, resumable
     search_log = console.route_logs(request.verbose)
     if prepared.base_build is not None:
         # Before Ray starts: its idle processes took ~15% of the 2 cores from a laptop build.
@@ -215,6 +213,10 @@ def execute(prepared: PreparedSearch) -> int:
     # The search's clock, as Tune's time budget counts: the base build is reported apart.
     started = time.time()
     started_ray = cluster.start_ray(request.address, verbose=request.verbose)
+    if threading.current_thread() is threading.main_thread():
+        # After ray.init, whose core worker installs a SIGTERM handler that exits at once:
+        # SIGTERM (ray job stop, kill) then ends the search cleanly, resumable.
+        STOP.install()
     try:
         # Before anything is written: a request no node can hold would leave every trial
         # PENDING forever.

@@ -34,6 +34,8 @@ EXCLUDES = [".git", ".venv", "venv", "results", "*.egg-info", "__pycache__", ".p
 # `ray job stop` sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S (Ray's default 3 s
 # is too short to save Tune's state and close the MLflow runs).
 STOP_WAIT_S = "60"
+# How long a submission waits for a freshly started head's job agent.
+AGENT_WAIT_S = 60.0
 
 
 def dashboard_address(given: str | None) -> str:
@@ -101,8 +103,18 @@ def submit(argv: list[str], address: str | None, parse_args) -> int:
                 "tracking_uri": _flag(arguments, "--tracking-uri") or "",
                 "num_samples": str(prepared.request.num_samples)}
     env_vars = {JOB_ID_ENV: job_id, GIT_COMMIT_ENV: git_commit(), "RAY_JOB_STOP_WAIT_TIME_S": STOP_WAIT_S}
-    client.submit_job(entrypoint=entrypoint, submission_id=job_id, metadata=metadata,
-                      runtime_env={"working_dir": str(PROJECT_DIR), "excludes": EXCLUDES, "env_vars": env_vars})
+    runtime_env = {"working_dir": str(PROJECT_DIR), "excludes": EXCLUDES, "env_vars": env_vars}
+    deadline = time.time() + AGENT_WAIT_S
+    while True:
+        try:
+            client.submit_job(entrypoint=entrypoint, submission_id=job_id, metadata=metadata, runtime_env=runtime_env)
+            break
+        except RuntimeError as error:
+            # A head that has just started answers before its job agent is up.
+            if "No available agent" not in str(error) or time.time() > deadline:
+                raise UserError(f"--address {dashboard}: the job API refused the search ({str(error).splitlines()[0]})"
+                                ) from None
+            time.sleep(2)
     print(f"[job] submitted {job_id} to {dashboard}: {entrypoint}")
     print(f"  follow it:  ray job logs --address {dashboard} --follow {job_id}")
     print(f"  stop it:    ray job stop --address {dashboard} {job_id}   (then resubmit with --resume to continue)")
