@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tuning.config import UserError
+from tuning.mlflow_store import redact_uri
 from tuning.job_context import GIT_COMMIT_ENV, JOB_ID_ENV, JOB_ID_TAG, git_commit
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -63,7 +64,7 @@ def job_arguments(argv: list[str]) -> list[str]:
     """The search's own flags for the job: the user's, without --submit and --address (the job
     joins the cluster it runs on), and with --results-dir given."""
     kept, skip = [], False
-    for position, arg in enumerate(argv):
+    for arg in argv:
         if skip:
             skip = False
             continue
@@ -100,7 +101,8 @@ def submit(argv: list[str], address: str | None, parse_args) -> int:
     entrypoint = shlex.join(["python3", "tuning/search.py", *arguments])
     metadata = {"kind": METADATA_KIND, "experiment": prepared.mlflow_experiment,
                 "results_dir": _flag(arguments, "--results-dir") or DEFAULT_JOB_RESULTS,
-                "tracking_uri": _flag(arguments, "--tracking-uri") or "",
+                # Never credentials: a URI's user:password@ and query values are dropped.
+                "tracking_uri": redact_uri(_flag(arguments, "--tracking-uri") or ""),
                 "num_samples": str(prepared.request.num_samples)}
     env_vars = {JOB_ID_ENV: job_id, GIT_COMMIT_ENV: git_commit(), "RAY_JOB_STOP_WAIT_TIME_S": STOP_WAIT_S}
     runtime_env = {"working_dir": str(PROJECT_DIR), "excludes": EXCLUDES, "env_vars": env_vars}
@@ -115,7 +117,7 @@ def submit(argv: list[str], address: str | None, parse_args) -> int:
                 raise UserError(f"--address {dashboard}: the job API refused the search ({str(error).splitlines()[0]})"
                                 ) from None
             time.sleep(2)
-    print(f"[job] submitted {job_id} to {dashboard}: {entrypoint}")
+    print(f"[job] submitted {job_id} to {dashboard} (results on the head: {metadata['results_dir']})")
     print(f"  follow it:  ray job logs --address {dashboard} --follow {job_id}")
     print(f"  stop it:    ray job stop --address {dashboard} {job_id}   (then resubmit with --resume to continue)")
     print(f"  all searches, with their MLflow figures and links: python -m tuning.jobs --address {dashboard}"
