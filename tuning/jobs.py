@@ -22,9 +22,8 @@ from typing import Any
 
 from tuning.config import UserError
 from tuning.mlflow_store import redact_uri
-from tuning.job_context import GIT_COMMIT_ENV, JOB_ID_ENV, JOB_ID_TAG, git_commit
+from tuning.job_context import GIT_COMMIT_ENV, JOB_ID_ENV, JOB_ID_TAG, PROJECT_DIR, git_commit
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
 # Job metadata marking a job as one of this project's searches, and what `list` reads back.
 METADATA_KIND = "tinyagent-search"
 # Where a submitted search keeps its results when --results-dir is not given: on the head,
