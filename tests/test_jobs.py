@@ -163,6 +163,7 @@ def test_a_stopped_job_leaves_nothing_running_and_resumes_without_losing_a_trial
         head["client"].get_job_logs(resumed_id)[-3000:]
     (parent,), trials = _runs(root, "jobs-stop")
     assert parent.info.status == "FINISHED" and parent.data.tags["ray_job_id"] == resumed_id
+    assert "stopped_because" not in parent.data.tags  # the stop's reason went with the stop
     searched = [t for t in trials if "full_budget_for" not in t.data.tags]
     numbers = sorted(int(t.data.tags["trial_number"]) for t in searched if t.info.status == "FINISHED")
     assert numbers == list(range(6)), numbers  # every trial once, none lost, none twice

@@ -283,3 +283,13 @@ def test_the_untuned_base_row_is_logged_on_the_parent_and_read_back_on_resume(tm
     resumed = SearchTracker(tracker.tracking_uri, "exp", max_epochs=3)
     resumed.reattach(tracker.parent_run_id, ["prompt_template"])
     assert resumed.untuned == {"val": val, "test": {k: v for k, v in test.items() if k != "per_example"}}
+
+
+def test_a_stopped_search_says_why_until_it_is_resumed(tmp_path):
+    tracker, parent_id = _killed_driver_state(tmp_path)
+    tracker.finish_parent("KILLED", {}, reason="the search was stopped by SIGTERM; --resume continues it")
+    assert "--resume" in tracker.client.get_run(parent_id).data.tags["stopped_because"]
+    assert tracker.client.get_run(tracker.trials["mid"].run_id).data.tags["error"].startswith("the search was stopped")
+    resumed = SearchTracker(f"sqlite:///{tmp_path / 'm.db'}", "exp", max_epochs=3)
+    resumed.reattach(parent_id, ["prompt_template", "lora_r"])
+    assert "stopped_because" not in resumed.client.get_run(parent_id).data.tags

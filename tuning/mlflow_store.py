@@ -40,6 +40,8 @@ TASK_TAG, FAMILY_TAG, MODEL_TAG, DATA_SPLIT_TAG = "task", "family", "model", "da
 # as KILLED when the search resumed, and reopened if the trial resumed with it.
 INTERRUPTED_TAG = "interrupted_by_driver_stop"
 CHECKPOINT_TAG = "checkpoint_path"
+# On a parent run a stop (SIGTERM, Ctrl+C) closed: why, and how to continue. Cleared on resume.
+STOPPED_BECAUSE_TAG = "stopped_because"
 # The MLflow UI opens an experiment in its training view (runs, charts, models) with this kind,
 # not in its GenAI view (traces).
 EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"

@@ -23,7 +23,7 @@ from trainers import metric_names as names
 from tuning.mlflow_store import (
     CHECKPOINT_TAG, CLOSEST_RANK_TAG, COST_KEYS, EPOCH_METRIC_PREFIXES, ERROR_TAG, FINAL_KEYS, FINAL_PREFIX,
     INTERRUPTED_TAG, PARENT_TAG, PARETO_FRONT_TAG, RERUN_OF_TAG, RESUMED_FROM_EPOCH_TAG, RETRIED_TAG, SEARCH_TAG,
-    STOPPED_EARLY_TAG, TEST_CONTEXT, TEST_ERROR_TAG, TEST_OUTCOMES_FILE, TEST_PREFIX, TRAIN_CONTEXT, TRIAL_ID_TAG,
+    STOPPED_BECAUSE_TAG, STOPPED_EARLY_TAG, TEST_CONTEXT, TEST_ERROR_TAG, TEST_OUTCOMES_FILE, TEST_PREFIX, TRAIN_CONTEXT, TRIAL_ID_TAG,
     TRIAL_NUMBER_TAG, UNTUNED_PREFIX, VALIDATION_CONTEXT, child_runs, driver_identity, model_development_experiment,
     read_test_outcomes, record_from_run, untuned_figures,
 )
@@ -92,6 +92,8 @@ class SearchTracker:
         self.client.log_batch(parent_run_id, tags=[RunTag("resumed", str(resumes)),
                                                    *(RunTag(k, v) for k, v in driver_identity().items())])
         self.client.update_run(parent_run_id, status="RUNNING")
+        if STOPPED_BECAUSE_TAG in parent.data.tags:  # it runs again: the stop's reason no longer holds
+            self.client.delete_tag(parent_run_id, STOPPED_BECAUSE_TAG)
         counts = {"finished": 0, "failed": 0, "interrupted": 0}
         for run in self._child_runs(parent_run_id):
             record = record_from_run(self.client, run, searched_keys)
@@ -122,7 +124,7 @@ class SearchTracker:
             if record.status == "RUNNING":
                 self._end_child(record, "KILLED", error=record.error or reason or "search ended before the trial did")
         if self.parent_run_id is not None and reason:
-            self.client.set_tag(self.parent_run_id, "stopped_because", reason)
+            self.client.set_tag(self.parent_run_id, STOPPED_BECAUSE_TAG, reason)
         if self.parent_run_id is None:
             return
         now = int(time.time() * 1000)
