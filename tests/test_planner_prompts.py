@@ -61,3 +61,54 @@ def test_a_long_prompt_loses_its_beginning_not_the_question_or_the_plan(tokenize
     assert any(ids[i : i + len(question)] == question for i in range(len(ids)))
     response = tokenizer(training_target(PLAN), add_special_tokens=False)["input_ids"]
     assert [label for label in encoded["labels"] if label != IGNORE_INDEX][: len(response)] == response
+
+
+def _bpe_tokenizer(bos: str, eos: str, chat_template: str):
+    """A tokenizer built the way the laptop base builds its own, with the given special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([MESSAGES[0][1], MESSAGES[1][1], PLAN], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", bos, eos], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=bos, eos_token=eos, pad_token="<pad>")
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+# SmolLM2-135M-Instruct's layout: ChatML, whose `<|im_start|>` is also the tokenizer's BOS.
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+# A template that opens with the BOS token itself, as Llama-2's and Mistral's do.
+OPENS_WITH_BOS = ("{{ bos_token }}{% for message in messages %}[{{ message['role'] }}] {{ message['content'] }}\n"
+                  "{% endfor %}")
+
+
+@pytest.mark.parametrize("template", ["concat", "instruct", "chat"])
+def test_no_prompt_carries_a_stray_or_a_doubled_bos(template):
+    from trainers.planner_base import BOS, CHAT_TEMPLATE, EOS, train_tokenizer
+
+    def leading(tokenizer, bos: str) -> list[int]:
+        ids = prompt_token_ids(tokenizer, MESSAGES, template, 512, max_new_tokens=64)[0]
+        rendered = tokenizer(render_prompt(MESSAGES, template, tokenizer), add_special_tokens=False)["input_ids"]
+        assert ids[-len(rendered):] == rendered  # the prompt itself is untouched
+        assert ids.count(tokenizer.convert_tokens_to_ids(bos)) == render_prompt(MESSAGES, template, tokenizer).count(
+            bos) + len(ids) - len(rendered)
+        return ids[: len(ids) - len(rendered)]
+
+    # The laptop base: its BOS opens every document it read, so every prompt gets exactly one.
+    laptop = train_tokenizer([MESSAGES[0][1], MESSAGES[1][1], PLAN], vocab_size=300)
+    assert laptop.bos_token == BOS and laptop.chat_template == CHAT_TEMPLATE
+    assert leading(laptop, BOS) == [laptop.bos_token_id]
+    # ChatML's BOS marks turns: `concat` and `instruct` get none, `chat` only the one per turn its template writes.
+    chatml = _bpe_tokenizer("<|im_start|>", "<|im_end|>", CHATML)
+    assert leading(chatml, "<|im_start|>") == []
+    first = prompt_token_ids(chatml, MESSAGES, template, 512, max_new_tokens=64)[0][0]
+    assert (first == chatml.bos_token_id) == (template == "chat")
+    # A template that writes BOS itself: not a second one in front.
+    llama = _bpe_tokenizer(BOS, EOS, OPENS_WITH_BOS)
+    ids = prompt_token_ids(llama, MESSAGES, template, 512, max_new_tokens=64)[0]
+    assert ids[0] == llama.bos_token_id and ids[1] != llama.bos_token_id

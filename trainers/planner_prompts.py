@@ -11,6 +11,7 @@ go through `render_prompt`.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from typing import Any
 
 from trainers.tools import END_OF_PLAN, TOOLS, Tool
@@ -83,25 +84,53 @@ def training_target(plan: str) -> str:
 
 def prompt_token_ids(tokenizer: Any, messages: list[tuple[str, str]], template: str, max_length: int,
                      *, max_new_tokens: int) -> tuple[list[int], bool]:
-    """(BOS + the rendered prompt's ids, whether the prompt was cut): what the model reads before
-    the plan, in training and in generation alike.
+    """(`full_prompt_ids`, whether the prompt was cut): what the model reads before the plan, in
+    training and in generation alike.
 
-    The prompt keeps its last `max_length - max_new_tokens` tokens (BOS included), so the room
-    left for the plan is the same `max_new_tokens` the model may generate. A cut prompt loses its
-    beginning (the tool list), never the question.
+    The prompt keeps its last `max_length - max_new_tokens` tokens (a leading BOS counted, and
+    kept), so the room left for the plan is the same `max_new_tokens` the model may generate. A
+    cut prompt loses its beginning (the tool list), never the question.
     """
     return cut_prompt(tokenizer, full_prompt_ids(tokenizer, messages, template), max_length, max_new_tokens)
 
 
 def full_prompt_ids(tokenizer: Any, messages: list[tuple[str, str]], template: str) -> list[int]:
-    """BOS + the rendered prompt's ids, uncut: its length is the prompt's true token count."""
+    """The rendered prompt's ids behind the BOS token `opens_with_bos` allows, uncut: its length
+    is the prompt's true token count."""
     ids = tokenizer(render_prompt(messages, template, tokenizer), add_special_tokens=False)["input_ids"]
-    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
+    return ([tokenizer.bos_token_id] if opens_with_bos(tokenizer, ids) else []) + ids
+
+
+def bos_marks_turns(tokenizer: Any) -> bool:
+    """Whether the tokenizer's BOS token is its chat format's turn marker rather than a
+    document start: SmolLM2's BOS is ChatML's `<|im_start|>`, written before every message.
+    Such a token before a `concat` or `instruct` prompt would open a turn that never closes."""
+    bos, chat_template = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "chat_template", None)
+    if bos is None or not chat_template:
+        return False
+    return _written_per_turn(bos, chat_template, tokenizer)
+
+
+@functools.lru_cache(maxsize=8)
+def _written_per_turn(bos: str, chat_template: str, tokenizer: Any) -> bool:
+    # Keyed on the token and the template too: a tokenizer's template may be set after loading.
+    two_turns = tokenizer.apply_chat_template([{"role": "system", "content": "a"}, {"role": "user", "content": "b"}],
+                                              tokenize=False)
+    return two_turns.count(bos) >= 2
+
+
+def opens_with_bos(tokenizer: Any, rendered_ids: list[int]) -> bool:
+    """Whether BOS goes before a rendered prompt: only where the tokenizer has a document-start
+    BOS, and the template did not already write it (a chat template that opens with
+    `bos_token`), so no prompt carries a stray or a doubled one."""
+    if tokenizer.bos_token_id is None or rendered_ids[:1] == [tokenizer.bos_token_id]:
+        return False
+    return not bos_marks_turns(tokenizer)
 
 
 def cut_prompt(tokenizer: Any, ids: list[int], max_length: int, max_new_tokens: int) -> tuple[list[int], bool]:
     """`full_prompt_ids` cut as `prompt_token_ids` describes: (ids, whether it was cut)."""
-    bos = ids[:1] if tokenizer.bos_token_id is not None else []
+    bos = ids[:1] if ids[:1] == [tokenizer.bos_token_id] else []
     body = ids[len(bos):]
     room = max(1, max_length - max_new_tokens - len(bos))
     return bos + body[-room:], len(body) > room
