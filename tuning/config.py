@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from trainers.gguf_base import PackagedGGUF
 from trainers.planner_base import BaseBuildSettings
 from trainers.registry import DEFAULT_FAMILY, MODELS, ModelSpec, families, spec_for
 
@@ -108,18 +109,22 @@ class ModelSource(Strict):
     architecture: dict[str, Any] | None = Field(None, description="Random-init architecture; the folder then only supplies the tokenizer.")
     build_base: BaseBuildSettings | None = Field(
         None, description="Planner only: build the base here (tokenizer + pre-training on prompts) from `architecture`.")
+    gguf: PackagedGGUF | None = Field(
+        None, description="Planner only: a pretrained base in a GGUF file a package ships, converted once.")
 
     @model_validator(mode="after")
     def _check(self) -> "ModelSource":
         if self.architecture is not None and "model_type" not in self.architecture:
             raise ValueError("architecture needs a model_type")
-        if self.build_base is not None:
-            if self.architecture is None:
-                raise ValueError("build_base needs an architecture to build")
-            if self.name_or_path is not None:
-                raise ValueError("give name_or_path or build_base, not both")
-        elif self.name_or_path is None:
-            raise ValueError("name_or_path is required (or build_base with an architecture)")
+        if self.build_base is not None and self.architecture is None:
+            raise ValueError("build_base needs an architecture to build")
+        given = [name for name in ("name_or_path", "build_base", "gguf") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of name_or_path, build_base and gguf, not {' and '.join(given)}")
+        if not given:
+            raise ValueError("name_or_path is required (or build_base with an architecture, or gguf)")
+        if self.gguf is not None and self.architecture is not None:
+            raise ValueError("gguf: the file holds its architecture; drop architecture")
         return self
 
 
@@ -250,6 +255,8 @@ def load_preset(task: str, preset: str) -> tuple[Preset, ModelSpec]:
         raise UserError(f"{path}: model: the {spec.name} model is trained from nothing and takes no model source")
     if source is not None and not spec.builds_base and source.build_base is not None:
         raise UserError(f"{path}: model.build_base: the {spec.name} model does not build its own base")
+    if source is not None and not spec.builds_base and source.gguf is not None:
+        raise UserError(f"{path}: model.gguf: the {spec.name} model takes no GGUF base")
     if source is not None and spec.builds_base and source.architecture is not None and source.build_base is None:
         raise UserError(f"{path}: model.architecture: the {spec.name} model builds from an architecture only "
                         "with build_base")

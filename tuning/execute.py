@@ -15,6 +15,7 @@ from mlflow.exceptions import MlflowException
 
 from trainers import metric_names as names
 from trainers.data import Dataset, split_digest
+from trainers.gguf_base import converted_base
 from tuning import closing_table, cluster, console, full_budget, holdout, pipeline_eval, ray_search, report
 from tuning.config import UserError
 from tuning.console import SearchProgress
@@ -29,7 +30,7 @@ from tuning.trial_records import pareto_front
 
 
 def _build_base(prepared: PreparedSearch) -> None:
-    """Build the model's base once, before Ray starts, using every core of this machine."""
+    """Build (or convert) the model's base once, before Ray starts, using every core of this machine."""
     import torch
 
     build = prepared.base_build
@@ -37,8 +38,14 @@ def _build_base(prepared: PreparedSearch) -> None:
         print(f"[base] using the base model cached in {build['target']}", flush=True)
         return
     torch.set_num_threads(os.cpu_count() or 1)
-    prepared.spec.base_builder(Path(build["target"]), prepared.dataset.train, build["architecture"],
-                               build["settings"], progress=lambda line: print(line, flush=True))
+    def progress(line: str) -> None:
+        print(line, flush=True)
+
+    if build["gguf"] is not None:
+        converted_base(build["gguf"], Path(build["target"]), progress=progress)
+    else:
+        prepared.spec.base_builder(Path(build["target"]), prepared.dataset.train, build["architecture"],
+                                   build["settings"], progress=progress)
 
 
 def _open_tracking(prepared: PreparedSearch):

@@ -20,6 +20,7 @@ from typing import Any
 from trainers import metric_names as names
 from trainers import synthetic
 from trainers.data import HUB_DATASET_ID, Dataset, load_dataset_dir
+from trainers.gguf_base import converted_folder
 from trainers.models import resolve_source
 from trainers.registry import MODELS, ModelSpec
 from tuning import closing_table
@@ -159,7 +160,7 @@ def _model_source(args: argparse.Namespace, spec: ModelSpec, preset: Preset) -> 
         if args.model_path:
             raise UserError(f"--model-path: the {spec.name} model is trained from nothing and loads no model")
         return None, None, False
-    builds_base = preset.model.build_base is not None and args.model_path is None
+    builds_base = (preset.model.build_base is not None or preset.model.gguf is not None) and args.model_path is None
     if builds_base:
         return None, None, True
     source = args.model_path or preset.model.name_or_path
@@ -203,7 +204,10 @@ def load_inputs(args: argparse.Namespace, locations: Locations) -> Inputs:
     preset_fixed, warm_start = layer_preset_over_space(preset.trainer, preset_file, space, space_file)
     evaluation_toolrag = _evaluation_toolrag(args, spec, preset_fixed, preset_file, locations=locations)
     dataset = _load_data(args, preset, locations.results_dir)
-    if builds_base:
+    if builds_base and preset.model.gguf is not None:
+        model_path = converted_folder(locations.results_dir / "cache", preset.model.gguf)
+        model_source = f"{preset.model.gguf.requirement}: {preset.model.gguf.file}, converted in {model_path}"
+    elif builds_base:
         model_path = spec.base_folder(locations.results_dir / "cache", dataset.split_fingerprint,
                                       preset.model.architecture, preset.model.build_base)
         model_source = f"built from config: {model_path}"
@@ -323,7 +327,7 @@ def plan_search(args: argparse.Namespace, locations: Locations, inputs: Inputs) 
     base_build = None
     if inputs.builds_base:
         base_build = {"target": inputs.model_path, "architecture": preset.model.architecture,
-                      "settings": preset.model.build_base}
+                      "settings": preset.model.build_base, "gguf": preset.model.gguf}
     return PreparedSearch(
         spec=spec, request=request, tracking_uri=locations.tracking_uri, results_dir=locations.results_dir,
         mlflow_experiment=inputs.mlflow_experiment, parent_run_name=parent_run_name, preset_name=inputs.preset_name,
