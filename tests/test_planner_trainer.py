@@ -157,6 +157,22 @@ def test_planner_config_rejects_unknown_templates_and_missing_targets(tmp_path):
         _config(tmp_path, paper_target="plan_success_with_toolrag")
     with pytest.raises(ValueError, match="extra"):
         _config(tmp_path, lora_rank=8)
+    with pytest.raises(ValueError, match="base_template"):
+        _config(tmp_path, base_template="alpaca")
+
+
+@pytest.mark.parametrize("base_template", [None, "chat"])
+def test_the_untuned_row_reads_the_dataset_prompt_in_the_base_s_own_format(built_base, base_template):
+    """Whatever template a trial searched, the untuned base is scored in its own format (the
+    preset's base_template: instruct unless said), with the dataset's prompt and its whole context."""
+    from trainers.planner import untuned_config
+
+    trial = _config(built_base, prompt_template="concat", max_length=256).model_dump()
+    if base_template is not None:
+        trial["base_template"] = base_template
+    config = untuned_config(trial)
+    assert config.prompt_template == (base_template or "instruct")
+    assert config.system_prompt == "dataset" and config.max_length == TINY_LLAMA["max_position_embeddings"]
 
 
 def _expected_lora_parameters(architecture: dict, r: int, modules: list[str]) -> int:

@@ -52,6 +52,8 @@ class PlannerConfig(BaseModel):
 
     model_path: str = Field(description="Local folder with the base model's weights and tokenizer.")
     prompt_template: str = Field("instruct", description="concat, instruct or chat (see planner_prompts).")
+    base_template: str = Field("instruct", description="The base's own prompt format, the one it was "
+                                                       "instruction-tuned in: the untuned row is scored in it.")
     system_prompt: Literal["dataset", "compact"] = Field(
         "dataset", description="dataset: each record's own planner prompt, as the paper; compact: one short "
                                "prompt with the plan rules, for CPU-sized models (the dataset's is ~1,000 tokens).")
@@ -90,8 +92,9 @@ class PlannerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "PlannerConfig":
-        if self.prompt_template not in PLANNER_TEMPLATES:
-            raise ValueError(f"prompt_template {self.prompt_template!r} is not one of {list(PLANNER_TEMPLATES)}")
+        for field in ("prompt_template", "base_template"):
+            if getattr(self, field) not in PLANNER_TEMPLATES:
+                raise ValueError(f"{field} {getattr(self, field)!r} is not one of {list(PLANNER_TEMPLATES)}")
         if self.paper_target not in self.targets:
             raise ValueError(f"paper_target {self.paper_target!r} has no entry in the targets")
         if self.max_new_tokens >= self.max_length:
@@ -419,12 +422,13 @@ def train_fn_per_worker(loop_config: dict[str, Any], session: WorkerSession | No
 def untuned_config(trainer_settings: dict[str, Any]) -> PlannerConfig:
     """How the base is scored before any LoRA, as the paper's untuned row: the dataset's own
     system prompt (tool list and in-context examples), since a base that was never tuned on the
-    task knows the tools only from there; the trainer's default template, the base's own
-    instruction format; and room for the whole prompt up to the base's context length."""
+    task knows the tools only from there; the base's own format (`base_template`: `instruct` for
+    TinyLlama-1.1B-32k-Instruct and the laptop base, `chat` for SmolLM2); and room for the whole
+    prompt up to the base's context length."""
     from transformers import AutoConfig
 
     settings = {**trainer_settings, "system_prompt": "dataset"}
-    settings.pop("prompt_template", None)
+    settings["prompt_template"] = settings.get("base_template", PlannerConfig.model_fields["base_template"].default)
     context = getattr(AutoConfig.from_pretrained(settings["model_path"]), "max_position_embeddings", None)
     if context:
         settings["max_length"] = max(settings.get("max_length", 0), context)
