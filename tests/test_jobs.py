@@ -107,21 +107,31 @@ def _runs(root: Path, experiment: str):
     return parents, trials
 
 
-def test_a_submitted_search_finishes_and_mlflow_knows_its_job(head, tmp_path, capsys):
-    root = tmp_path / "results"
-    job_id = _submit(head, _search_argv(root, "jobs-one"), capsys)
-    assert _wait(head, job_id, {"SUCCEEDED", "FAILED", "STOPPED"}) == "SUCCEEDED", head["client"].get_job_logs(job_id)
-    (parent,), trials = _runs(root, "jobs-one")
-    assert parent.data.tags["ray_job_id"] == job_id and parent.info.status == "FINISHED"
-    assert len(trials) >= 4 and {t.info.status for t in trials} == {"FINISHED"}
-    logs = head["client"].get_job_logs(job_id)
-    assert "Closest to the paper" in logs and "Trial status" not in logs  # the quiet console
+def test_two_submitted_searches_finish_side_by_side_and_mlflow_knows_each_job(head, tmp_path, capsys):
+    """Two searches submitted at once share the head's 2 CPUs: each finishes, with its own
+    experiment, parent run and trials, and its parent run carries its job id."""
+    first_root, second_root = tmp_path / "first", tmp_path / "second"
+    first = _submit(head, _search_argv(first_root, "jobs-a", "--max-concurrent", "1"), capsys)
+    second = _submit(head, _search_argv(second_root, "jobs-b", "--max-concurrent", "1"), capsys)
+    for job_id in (first, second):
+        assert _wait(head, job_id, {"SUCCEEDED", "FAILED", "STOPPED"}, timeout_s=900) == "SUCCEEDED", \
+            head["client"].get_job_logs(job_id)[-3000:]
+    for root, experiment, job_id in ((first_root, "jobs-a", first), (second_root, "jobs-b", second)):
+        (parent,), trials = _runs(root, experiment)
+        assert parent.data.tags["ray_job_id"] == job_id and parent.info.status == "FINISHED"
+        assert len(trials) >= 4 and {t.info.status for t in trials} == {"FINISHED"}
+        assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {parent.info.run_id}
+        logs = head["client"].get_job_logs(job_id)
+        assert "Closest to the paper" in logs and "Trial status" not in logs  # the quiet console
 
     from tuning.jobs import main as jobs_main
 
     assert jobs_main(["--address", head["address"]]) == 0
-    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith(job_id)]
-    assert "SUCCEEDED" in row and "jobs-one" in row and f"/{len(trials)}" in row and "#/experiments/" in row
+    listed = capsys.readouterr().out.splitlines()
+    for job_id, experiment, root in ((first, "jobs-a", first_root), (second, "jobs-b", second_root)):
+        (row,) = [line for line in listed if line.startswith(job_id)]
+        _, trials = _runs(root, experiment)
+        assert "SUCCEEDED" in row and experiment in row and f"/{len(trials)}" in row and "#/experiments/" in row
 
 
 def test_a_stopped_job_leaves_nothing_running_and_resumes_without_losing_a_trial(head, tmp_path, capsys):
@@ -168,19 +178,6 @@ def test_a_stopped_job_leaves_nothing_running_and_resumes_without_losing_a_trial
     numbers = sorted(int(t.data.tags["trial_number"]) for t in searched if t.info.status == "FINISHED")
     assert numbers == list(range(6)), numbers  # every trial once, none lost, none twice
     assert len({t.data.tags["trial_id"] for t in trials}) == len(trials)
-
-
-def test_two_searches_side_by_side_each_keep_their_own_trials(head, tmp_path, capsys):
-    first_root, second_root = tmp_path / "first", tmp_path / "second"
-    first = _submit(head, _search_argv(first_root, "jobs-a", "--max-concurrent", "1"), capsys)
-    second = _submit(head, _search_argv(second_root, "jobs-b", "--max-concurrent", "1"), capsys)
-    for job_id in (first, second):
-        assert _wait(head, job_id, {"SUCCEEDED", "FAILED", "STOPPED"}, timeout_s=900) == "SUCCEEDED", \
-            head["client"].get_job_logs(job_id)[-3000:]
-    for root, experiment, job_id in ((first_root, "jobs-a", first), (second_root, "jobs-b", second)):
-        (parent,), trials = _runs(root, experiment)
-        assert parent.data.tags["ray_job_id"] == job_id
-        assert trials and {t.data.tags["mlflow.parentRunId"] for t in trials} == {parent.info.run_id}
 
 
 def test_bad_input_through_submit_exits_2_before_any_job_exists(head, tmp_path, capsys):

@@ -24,7 +24,7 @@ def smoke_search(ray_2_cpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("smoke")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     # Ray Train's runner, as on a cluster: the placement-group and MLflow checks below cover it,
-    # and the soak search covers the in-process runner, the laptop default.
+    # and the seeded pair of searches covers the in-process runner, the laptop default.
     # Seed 1: trials 3 and 4 rank in the worse half at their rungs (a trial is compared only with
     # trials that ended before it began, so a seed whose warm start is the worst stops none).
     args = parse_args(["--model", "toolrag", "--smoke", "--num-samples", "5", "--seed", SMOKE_SEED, "--results-dir", str(root),
@@ -318,8 +318,6 @@ def test_the_mlflow_ui_and_the_report_render_in_a_browser(smoke_search, mlflow_r
                ("mlflow-runs.png", "mlflow-parent-run.png", "mlflow-plot.png", "report.png", "mlflow-closest-trial.png"))
 
 
-SOAK_TRIALS = 30
-
 
 @pytest.mark.ray
 @pytest.mark.slow
@@ -375,31 +373,90 @@ def test_the_linear_baseline_runs_as_a_search_recorded_like_the_transformer(smok
     assert f"linear / {closest.data.tags['trial_id']}" in rows["toolrag-linear"]
 
 
+PER_EPOCH = ("paper_distance", "tool_recall", "tool_count", "train_loss")
+
+
+SEEDED_TRIALS = 6
+
+
 @pytest.fixture(scope="module")
-def soak_search(ray_2_cpus, tmp_path_factory):
-    """30 tiny trials with early stopping, on the test's Ray, so leaks can be counted after; the
-    laptop default's in-process runner, whose processes Tune reuses from trial to trial."""
+def seeded_pair(ray_2_cpus, tmp_path_factory) -> list[dict]:
+    """One seed, two whole searches one after the other on the test's Ray, with two trials at
+    once: the laptop default's in-process runner, whose processes Tune reuses from trial to
+    trial. What one seed must repeat is compared, and what ~16 trials may leak is counted."""
     from tuning.execute import execute
     from tuning.prepare import prepare
     from tuning.search import parse_args
 
-    root = tmp_path_factory.mktemp("soak")
-    args = parse_args(["--model", "toolrag", "--smoke", "--num-samples", str(SOAK_TRIALS), "--results-dir", str(root),
-                       "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}", "--storage", str(root / "storage"),
-                       "--experiment-name", "soak"])
-    return {"exit_code": execute(prepare(args)), "root": root}
+    searches = []
+    for name in ("first", "second"):
+        root = tmp_path_factory.mktemp(f"seeded-{name}")
+        uri = f"sqlite:///{root / 'mlflow.db'}"
+        args = parse_args(["--model", "toolrag", "--smoke", "--num-samples", str(SEEDED_TRIALS), "--max-concurrent",
+                           "2", "--seed", "1", "--results-dir", str(root), "--tracking-uri", uri,
+                           "--storage", str(root / "storage"), "--experiment-name", "seeded"])
+        searches.append({"exit_code": execute(prepare(args)), "uri": uri, "root": root})
+    return searches
+
+
+def _what_a_rerun_must_repeat(uri: str) -> dict:
+    from tests.conftest import _trial_or_parent_runs
+
+    client, trials = _trial_or_parent_runs(uri, "seeded", "trial")
+    _, (parent,) = _trial_or_parent_runs(uri, "seeded", "parent")
+    searched = [run for run in trials if "full_budget_for" not in run.data.tags]
+    reruns = [run for run in trials if "full_budget_for" in run.data.tags]
+
+    def figures(run) -> dict:
+        per_epoch = {name: [(p.step, p.value) for p in sorted(client.get_metric_history(run.info.run_id, name),
+                                                               key=lambda p: p.step)] for name in PER_EPOCH}
+        test = {k: v for k, v in run.data.metrics.items() if k.startswith("test_")}
+        settings = {k: run.data.params[k] for k in ("pos_weight", "learning_rate", "batch_size", "prompt_template")}
+        return {"settings": settings, "per_epoch": per_epoch, "test": test,
+                "epochs_completed": run.data.metrics["epochs_completed"],
+                "stopped_early": run.data.tags["stopped_early"]}
+
+    return {
+        "trials": {int(run.data.tags["trial_number"]): figures(run) for run in searched},
+        "reruns": {run.data.tags["full_budget_for"]: figures(run) for run in reruns},
+        "comparisons": {k: v for k, v in parent.data.tags.items() if k.startswith("comparison_")},
+        "closest": parent.data.metrics["best_paper_distance"],
+    }
 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_long_search_leaks_nothing(soak_search, ray_2_cpus, mlflow_runs):
+def test_one_seed_twice_gives_the_same_proposals_figures_stops_and_comparisons(seeded_pair):
+    # Seed 1 stops trials at both rungs and owes two reruns (a template, the lowest pos_weight).
+    assert [search["exit_code"] for search in seeded_pair] == [0, 0]
+    first, second = (_what_a_rerun_must_repeat(search["uri"]) for search in seeded_pair)
+    assert sorted(first["trials"]) == list(range(SEEDED_TRIALS))
+    for number in range(SEEDED_TRIALS):
+        assert first["trials"][number] == second["trials"][number], f"trial {number} differs"
+    assert first["reruns"] == second["reruns"]
+    assert any(t["stopped_early"] == "true" for t in first["trials"].values()), "no early stop was exercised"
+    assert "pos_weight lowest" in first["reruns"], first["reruns"].keys()
+    assert first["comparisons"] == second["comparisons"] and first["comparisons"]
+    assert first["closest"] == second["closest"]
+    # Every template has a full-budget trial, whatever ASHA stopped.
+    templates = {t["settings"]["prompt_template"] for t in [*first["trials"].values(), *first["reruns"].values()]
+                 if t["stopped_early"] == "false"}
+    assert templates == {"query", "question", "instruction"}
+    # A rerun repeats its source configuration's epochs exactly where both trained.
+    for reason, rerun in first["reruns"].items():
+        source = next((t for t in first["trials"].values() if t["settings"] == rerun["settings"]), None)
+        if source is not None:
+            trained = len(source["per_epoch"]["paper_distance"])
+            assert rerun["per_epoch"]["paper_distance"][:trained] == source["per_epoch"]["paper_distance"], reason
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_searches_one_after_the_other_leak_nothing(seeded_pair, ray_2_cpus, mlflow_runs):
     from ray.util import placement_group_table
     from ray.util.state import list_actors
 
-    assert soak_search["exit_code"] == 0
-    _, trials = mlflow_runs(f"sqlite:///{soak_search['root'] / 'mlflow.db'}", "soak", "trial")
-    assert len([run for run in trials if "full_budget_for" not in run.data.tags]) == SOAK_TRIALS
-    assert sum(run.data.tags.get("stopped_early") == "true" for run in trials) >= SOAK_TRIALS // 3
+    assert [search["exit_code"] for search in seeded_pair] == [0, 0]
     deadline = time.time() + 30
     while True:
         groups = [pg for pg in placement_group_table().values() if pg["state"] != "REMOVED"]
@@ -411,10 +468,16 @@ def test_a_long_search_leaks_nothing(soak_search, ray_2_cpus, mlflow_runs):
             break
         time.sleep(0.5)
     assert groups == [] and trial_actors == [] and cpus == 2
-    # Each trial's Train run keeps one checkpoint at most (its best epoch).
-    runs = [d for d in (soak_search["root"] / "storage" / "train").iterdir() if d.is_dir()]
-    assert len(runs) == len(trials)  # the full-budget reruns included
-    assert max(len([c for c in run.glob("checkpoint_*") if c.is_dir()]) for run in runs) == 1
-    disk = sum(f.stat().st_size for f in (soak_search["root"] / "storage").rglob("*") if f.is_file())
-    print(f"\n[soak] {SOAK_TRIALS} trials, {disk / SOAK_TRIALS / 1e6:.2f} MB of Ray storage per trial")
-
+    ended = 0
+    for search in seeded_pair:
+        _, trials = mlflow_runs(search["uri"], "seeded", "trial")
+        assert len([run for run in trials if "full_budget_for" not in run.data.tags]) == SEEDED_TRIALS
+        assert any(run.data.tags.get("stopped_early") == "true" for run in trials)
+        # Each trial's Train run keeps one checkpoint at most (its best epoch).
+        runs = [d for d in (search["root"] / "storage" / "train").iterdir() if d.is_dir()]
+        assert len(runs) == len(trials)  # the full-budget reruns included
+        assert max(len([c for c in run.glob("checkpoint_*") if c.is_dir()]) for run in runs) == 1
+        ended += len(trials)
+    disk = sum(f.stat().st_size for search in seeded_pair for f in (search["root"] / "storage").rglob("*")
+               if f.is_file())
+    print(f"\n[leaks] {ended} trials in 2 searches, {disk / ended / 1e6:.2f} MB of Ray storage per trial")
