@@ -30,10 +30,10 @@ def head(tmp_path_factory):
     Stopping the blocking process stops the head and everything it started."""
     temp = tmp_path_factory.mktemp("ray-head")
     dashboard_port = _free_port()
-    # Ray turns token authentication on when a token exists in ~/.ray, which depends on what
-    # ran on this machine before; this head, bound to 127.0.0.1 for the test, runs without it
-    # whatever the machine's state, and so does this process's job client.
-    auth = {"RAY_AUTH_MODE": "disabled"}
+    # Token authentication on, as on a cluster a team shares: the head, the jobs it runs and
+    # this process's job client all use the token in ~/.ray/auth_token (Ray writes one when a
+    # local Ray starts and there is none).
+    auth = {"RAY_AUTH_MODE": "token"}
     saved = {key: os.environ.get(key) for key in auth}
     os.environ.update(auth)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -58,7 +58,8 @@ def head(tmp_path_factory):
             except Exception:
                 assert process.poll() is None and time.time() < deadline, (temp / "ray-start.log").read_text()[-3000:]
                 time.sleep(1)
-        yield {"address": address, "client": client}
+        token_file = Path.home() / ".ray" / "auth_token"
+        yield {"address": address, "client": client, "token": token_file.read_text().strip()}
     finally:  # the head goes, whether or not it came up
         os.killpg(process.pid, signal.SIGTERM)
         try:
@@ -109,7 +110,14 @@ def _runs(root: Path, experiment: str):
 
 def test_two_submitted_searches_finish_side_by_side_and_mlflow_knows_each_job(head, tmp_path, capsys):
     """Two searches submitted at once share the head's 2 CPUs: each finishes, with its own
-    experiment, parent run and trials, and its parent run carries its job id."""
+    experiment, parent run and trials, and its parent run carries its job id. The head asks for
+    a token, which --submit and the listing pass without being told."""
+    import urllib.error
+    import urllib.request
+
+    with pytest.raises(urllib.error.HTTPError) as refused:  # no token, no answer
+        urllib.request.urlopen(f"{head['address']}/api/jobs/", timeout=30)
+    assert refused.value.code in (401, 403)
     first_root, second_root = tmp_path / "first", tmp_path / "second"
     first = _submit(head, _search_argv(first_root, "jobs-a", "--max-concurrent", "1"), capsys)
     second = _submit(head, _search_argv(second_root, "jobs-b", "--max-concurrent", "1"), capsys)
@@ -123,6 +131,11 @@ def test_two_submitted_searches_finish_side_by_side_and_mlflow_knows_each_job(he
         assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {parent.info.run_id}
         logs = head["client"].get_job_logs(job_id)
         assert "Closest to the paper" in logs and "Trial status" not in logs  # the quiet console
+        # The cluster's token reaches neither the job's output nor MLflow nor the results folder.
+        assert len(head["token"]) >= 16 and head["token"] not in logs
+        recorded = [str(run.data.params) + str(run.data.tags) for run in [parent, *trials]]
+        assert not any(head["token"] in text for text in recorded)
+        assert not any(head["token"].encode() in path.read_bytes() for path in root.rglob("*") if path.is_file())
 
     from tuning.jobs import main as jobs_main
 
