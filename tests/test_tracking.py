@@ -204,9 +204,9 @@ def test_the_experiment_opens_in_the_training_view_and_trials_are_named_by_their
 def test_the_splits_are_dataset_inputs_of_the_parent_and_of_each_trial_as_it_uses_them(tmp_path):
     from tuning.mlflow_store import TEST_CONTEXT, TRAIN_CONTEXT, VALIDATION_CONTEXT, dataset_input
 
-    tracker = SearchTracker(f"sqlite:///{tmp_path / 'm.db'}", "exp", max_epochs=3)
-    tracker.datasets = {context: dataset_input(f"data/{context}", context, f"digest-{context}", "/data", rows=rows)
-                        for context, rows in ((TRAIN_CONTEXT, 90), (VALIDATION_CONTEXT, 10), (TEST_CONTEXT, 50))}
+    datasets = {context: dataset_input(f"data/{context}", context, f"digest-{context}", "/data", rows=rows)
+                for context, rows in ((TRAIN_CONTEXT, 90), (VALIDATION_CONTEXT, 10), (TEST_CONTEXT, 50))}
+    tracker = SearchTracker(f"sqlite:///{tmp_path / 'm.db'}", "exp", max_epochs=3, datasets=datasets)
     tracker.start_parent("parent", {}, {}, [])
 
     def inputs(run_id):

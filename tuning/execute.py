@@ -54,8 +54,8 @@ def _open_tracking(prepared: PreparedSearch):
     artifacts = (prepared.results_dir / "mlartifacts").as_uri() if sqlite_path(prepared.tracking_uri) else None
     tracker = SearchTracker(prepared.tracking_uri, prepared.mlflow_experiment,
                             max_epochs=ray_search.max_epochs(request.trainer_base, request.param_space),
-                            artifact_location=artifacts, trial_tags=prepared.trial_tags)
-    tracker.datasets = dataset_inputs(prepared.dataset)
+                            artifact_location=artifacts, trial_tags=prepared.trial_tags,
+                            datasets=dataset_inputs(prepared.dataset))
     found = None
     if prepared.resume_parent_id:
         found = tracker.reattach(prepared.resume_parent_id, list(request.param_space))
@@ -82,7 +82,7 @@ def dataset_inputs(dataset: Dataset) -> dict[str, Any]:
                                              (TEST_CONTEXT, "test", dataset.test))}
 
 
-def _totals(tracker, started: float) -> dict[str, float]:
+def _totals(tracker, started: float, full_budget_seconds: float) -> dict[str, float]:
     trials = tracker.trials.values()
     totals = {
         "trials_total": len(tracker.trials),
@@ -94,7 +94,7 @@ def _totals(tracker, started: float) -> dict[str, float]:
         "cpu_seconds_total": sum((r.last or {}).get(names.CPU_SECONDS, 0.0) for r in trials),
         "trials_scored_on_test": sum(r.test is not None for r in trials),
         "full_budget_reruns": sum(r.rerun_of is not None for r in trials),
-        "full_budget_seconds": tracker.full_budget_seconds,
+        "full_budget_seconds": full_budget_seconds,
     }
     ranked = tracker.ranked()
     if ranked:
@@ -105,10 +105,10 @@ def _totals(tracker, started: float) -> dict[str, float]:
 
 
 def _close(prepared: PreparedSearch, tracker, status: str, started: float, *, budget,
-           resumed_counts: dict[str, int] | None, reason: str | None = None) -> Outcome:
+           resumed_counts: dict[str, int] | None, full_budget_seconds: float, reason: str | None = None) -> Outcome:
     """Rank, compare, register the closest trial, mark the Pareto front and close the parent
     run: done whatever went wrong before, so the record is complete."""
-    ranked, totals = tracker.ranked(), _totals(tracker, started)
+    ranked, totals = tracker.ranked(), _totals(tracker, started, full_budget_seconds)
     comparison_lines, registered_version, front, family_bests = [], None, [], []
     try:  # whatever goes wrong while marking, the parent run is closed
         comparison_lines = _compare(prepared, tracker)
@@ -151,15 +151,16 @@ def _compare(prepared: PreparedSearch, tracker) -> list[str]:
     return lines
 
 
-def _run_full_budget(prepared: PreparedSearch, tracker, callbacks: list, progress) -> None:
+def _run_full_budget(prepared: PreparedSearch, tracker, callbacks: list, progress) -> float:
     """Rerun, to the last epoch, each template's best configuration when no trial of it got there,
-    and the lowest pos_weight's (tuning/full_budget.py). Their runs are tagged with why."""
+    and the lowest pos_weight's (tuning/full_budget.py). Their runs are tagged with why. Returns
+    the seconds the reruns took."""
     request = prepared.request
     reruns = full_budget.reruns_needed(list(tracker.trials.values()), request.param_space,
                                        prepared.spec.scheduler_metric)
     if not reruns:
         print("[full budget] every compared value already has a trial trained to the end", flush=True)
-        return
+        return 0.0
     print(f"[full budget] {len(reruns)} rerun(s) to the last epoch, early stopping off: "
           + "; ".join(f"{r.reason} (" + (f"trial {r.source_trial}'s configuration" if r.source_trial
                                          else "the closest trial's configuration with this value") + ")"
@@ -167,10 +168,11 @@ def _run_full_budget(prepared: PreparedSearch, tracker, callbacks: list, progres
     progress.total += len(reruns)  # the progress line counts the reruns too
     began = time.time()
     assigned = ray_search.run_full_budget(request, [r.config for r in reruns], callbacks)
-    tracker.full_budget_seconds += time.time() - began
+    seconds = time.time() - began
     for trial_id, index in assigned.items():
         if trial_id in tracker.trials:
             tracker.mark_rerun(trial_id, reruns[index].reason, reruns[index].source_trial)
+    return seconds
 
 
 def _search_and_score(prepared: PreparedSearch, tracker, resumed_counts, started: float,
@@ -178,6 +180,7 @@ def _search_and_score(prepared: PreparedSearch, tracker, resumed_counts, started
     """The Tune search, the full-budget reruns, then the test split once per trial; the parent
     run is closed either way."""
     request, status, budget, reason = prepared.request, "FAILED", None, None
+    full_budget_seconds = 0.0
     progress = SearchProgress(tracker, request.num_samples,
                               ray_search.lanes(request),
                               request.time_budget_s, log_file=log_file, started=started)
@@ -186,7 +189,7 @@ def _search_and_score(prepared: PreparedSearch, tracker, resumed_counts, started
         budget = ray_search.run_search(request, callbacks,
                                        failed_before_resume=(resumed_counts or {}).get("failed", 0))
         if request.full_budget_reruns and not budget.exhausted:
-            _run_full_budget(prepared, tracker, callbacks, progress)
+            full_budget_seconds = _run_full_budget(prepared, tracker, callbacks, progress)
         holdout.score_trials_on_test(tracker, prepared.spec, prepared.test_data, request.storage_path,
                                      cpus_per_task=request.cpus_per_worker, gpus_per_task=request.gpus_per_worker,
                                      verbose=request.verbose)
@@ -202,7 +205,7 @@ def _search_and_score(prepared: PreparedSearch, tracker, resumed_counts, started
         raise
     finally:
         outcome = _close(prepared, tracker, status, started, budget=budget, resumed_counts=resumed_counts,
-                         reason=reason)
+                         full_budget_seconds=full_budget_seconds, reason=reason)
     return outcome
 
 

@@ -39,24 +39,23 @@ class SearchTracker:
     """Owns the parent run and the child runs; `callback()` plugs it into Tune."""
 
     def __init__(self, tracking_uri: str, mlflow_experiment: str, max_epochs: int, artifact_location: str | None = None,
-                 *, trial_tags: dict[str, str] | None = None):
+                 *, trial_tags: dict[str, str] | None = None, datasets: dict[str, DatasetInput] | None = None):
         """artifact_location: where a new experiment keeps artifacts. Left None, a sqlite store
         puts them in ./mlruns of whatever directory the search was started from. trial_tags: set
-        on every trial's run (which model, task and data split: see `best_per_family`)."""
+        on every trial's run (which model, task and data split: see `best_per_family`).
+        datasets: MLflow dataset inputs by context (train, validation, test)."""
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.experiment_id = model_development_experiment(self.client, mlflow_experiment, artifact_location)
         # Dataset inputs ({context: DatasetInput}): the parent gets every split, a trial's run the
         # splits it trains and selects on, and the test split once it is scored.
-        self.datasets: dict[str, DatasetInput] = {}
+        self.datasets: dict[str, DatasetInput] = dict(datasets or {})
         self.trial_tags = dict(trial_tags or {})
         self.max_epochs = max_epochs
         self.parent_run_id: str | None = None
         self.trials: dict[str, TrialRecord] = {}
         # Trials that had ended before a resume and that Tune restarted only to replay their result.
         self.replayed = 0
-        # Wall time of the full-budget reruns after the search (tuning/full_budget.py).
-        self.full_budget_seconds = 0.0
         # The base before any fine-tuning, per split ({"val": figures, "test": figures}), or None.
         self.untuned: dict[str, dict[str, float]] | None = None
 
