@@ -5,7 +5,7 @@
 1. Throughput: plans per second when the same model writes plans for the same test prompts
    - one at a time through a `transformers` text-generation pipeline (the baseline: how the
      public reproduction evaluated), and
-   - in length-sorted, left-padded batches with the KV cache (`trainers.planner.generate_plans`,
+   - in length-sorted, left-padded batches with the KV cache (`trainers.plan_generation.generate_plans`,
      what every trial runs).
    Both are greedy with the same stop rule, so they must write the same plans; the script
    checks that. Medians over --repeats runs, and their ratio.
@@ -41,9 +41,8 @@ sys.path.insert(0, str(PROJECT))
 from trainers import synthetic  # noqa: E402
 from trainers.batching import length_grouped_batches  # noqa: E402
 from trainers.data import load_dataset_dir  # noqa: E402
-from trainers.planner import (  # noqa: E402
-    PlannerConfig, encode_train_split, generate_plans, load_tokenizer, prompt_ids,
-)
+from trainers.plan_generation import generate_plans  # noqa: E402
+from trainers.planner import PlannerConfig, encode_train_split, load_tokenizer, prompt_ids  # noqa: E402
 from trainers.planner_base import (  # noqa: E402
     BaseBuildSettings, base_documents, questions_of, random_model, train_tokenizer,
 )

@@ -11,9 +11,10 @@ import torch
 
 from conftest import run_in_process
 from trainers.data import load_dataset_dir
+from trainers.plan_generation import generate_plans, plan_metrics, score_plans
 from trainers.planner import (
-    CausalLMBatches, PlannerConfig, build_lora_model, encode_train_split, generate_plans, plan_metrics,
-    planner_messages, prompt_ids, score_checkpoint, score_plans,
+    CausalLMBatches, PlannerConfig, build_lora_model, encode_train_split, planner_messages, prompt_ids,
+    score_checkpoint,
 )
 from trainers.planner_base import BaseBuildSettings, build_base_from_examples, compact_system_prompt
 from trainers.planner_prompts import IGNORE_INDEX

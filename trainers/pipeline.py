@@ -24,6 +24,7 @@ from trainers import planner, toolrag, toolrag_linear
 from trainers.data import Example, normalize_query
 from trainers.stats import ToolRetrievalCounts, mcnemar_exact, wilson_interval
 from trainers.planner_prompts import PLANNER_TEMPLATES, cut_prompt, full_prompt_ids
+from trainers.plan_generation import generate_plans
 from trainers.plans import plan_success
 from trainers.planner_prompts import planner_system_prompt
 from trainers.tools import NUM_TOOLS, TOOL_NAMES, TOOLS
@@ -212,7 +213,7 @@ def _score_planner(planner_: Planner, prompts: dict[str, list[list[tuple[str, st
         full = [full_prompt_ids(planner_.tokenizer, messages, planner_.template) for messages in messages_list]
         cut = [cut_prompt(planner_.tokenizer, ids, planner_.max_length, planner_.max_new_tokens) for ids in full]
         started = time.perf_counter()
-        texts = planner.generate_plans(planner_.model, planner_.tokenizer, [ids for ids, _ in cut],
+        texts = generate_plans(planner_.model, planner_.tokenizer, [ids for ids, _ in cut],
                                        planner_.max_new_tokens, batch_size=planner_.batch_size, device=device)
         progress(f"[evaluate] {name}, {way} prompt: {len(texts)} plans in {time.perf_counter() - started:.0f}s")
         out[way] = {"plans": texts, "success": [plan_success(text, target) for text, target in zip(texts, targets)],
