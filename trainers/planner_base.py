@@ -33,10 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -45,6 +42,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from trainers.errand_domain import ERRAND_TOOLS, ErrandRequest, errand_requests
+from trainers.models import MANIFEST, write_model_folder
 from trainers.planner_prompts import IGNORE_INDEX, render_prompt, training_target
 from trainers.tools import END_OF_PLAN, JOIN_TOOL, TOOLS
 
@@ -253,7 +251,7 @@ def build_base(target: Path, questions: list[str], architecture: dict[str, Any],
     questions: the training split's user messages (`Question: ...`), never their plans.
     The folder appears complete or not at all: it is written beside `target` and renamed.
     """
-    if (target / "base.json").exists():
+    if (target / MANIFEST).exists():
         return target
     started = time.perf_counter()
     corpus, instructions = base_documents(questions, settings)
@@ -273,23 +271,13 @@ def build_base(target: Path, questions: list[str], architecture: dict[str, Any],
                                          learning_rate=settings.instruction_learning_rate,
                                          batch_size=settings.batch_size, seed=settings.seed + 1,
                                          stage="instruction tuning", progress=progress)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / "base.json").write_text(json.dumps({
-            "settings": settings.model_dump(), "architecture": architecture, "recipe": BASE_RECIPE_VERSION,
-            "pretrain_losses": pretrain_losses, "instruction_losses": instruction_losses,
-            "corpus_documents": len(corpus), "corpus_tokens": int(documents[0].numel()),
-            "instruction_examples": len(instructions), "instruction_tokens": int(tuning[0].numel()),
-            "build_seconds": time.perf_counter() - started,
-        }, indent=2))
-        os.replace(staging, target)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not (target / "base.json").exists():  # not a lost race with another builder
-            raise
+    write_model_folder(target, model, tokenizer, {
+        "settings": settings.model_dump(), "architecture": architecture, "recipe": BASE_RECIPE_VERSION,
+        "pretrain_losses": pretrain_losses, "instruction_losses": instruction_losses,
+        "corpus_documents": len(corpus), "corpus_tokens": int(documents[0].numel()),
+        "instruction_examples": len(instructions), "instruction_tokens": int(tuning[0].numel()),
+        "build_seconds": time.perf_counter() - started,
+    })
     progress(f"[base] built in {time.perf_counter() - started:.0f} s")
     return target
 
