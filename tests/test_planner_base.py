@@ -83,6 +83,11 @@ def test_the_build_repeats_exactly_for_a_seed_and_is_reused(dataset, tmp_path):
     assert _folder_digest(other_seed)["model.safetensors"] != _folder_digest(first)["model.safetensors"]
     info = json.loads((first / "base.json").read_text())
     assert info["pretrain_losses"] and info["instruction_losses"] and info["instruction_examples"] > 150
+    # The trace: the mean loss of each twentieth of an epoch (each step, in an epoch this short);
+    # an epoch's mean lies within its windows' range.
+    for stage in ("pretrain", "instruction"):
+        trace, (epoch_loss,) = info[f"{stage}_loss_trace"], info[f"{stage}_losses"]
+        assert len(trace) >= 2 and min(trace) <= epoch_loss <= max(trace) and trace[-1] < trace[0]
     before = (first / "base.json").stat().st_mtime_ns
     assert build_base(first, [], TINY_LLAMA, BaseBuildSettings(), **QUIET) == first
     assert (first / "base.json").stat().st_mtime_ns == before

@@ -187,9 +187,11 @@ def instruction_pieces(tokenizer, examples: list[tuple[str, str]]) -> list[tuple
 
 
 def train_causal_lm(model, inputs: torch.Tensor, labels: torch.Tensor, epochs: int, *, learning_rate: float,
-                    batch_size: int, seed: int, stage: str,
-                    progress: Callable[[str], None] = print) -> list[float]:
-    """Full-parameter causal-LM training on packed rows; returns the mean loss per epoch."""
+                    batch_size: int, seed: int, stage: str, progress: Callable[[str], None] = print,
+                    trace: list[float] | None = None) -> list[float]:
+    """Full-parameter causal-LM training on packed rows; returns the mean loss per epoch. With
+    `trace`, the mean loss of every twentieth of an epoch is appended to it: a spike or a
+    plateau that an epoch's mean hides shows there."""
     from transformers import get_cosine_schedule_with_warmup
 
     generator = torch.Generator().manual_seed(seed)
@@ -200,7 +202,8 @@ def train_causal_lm(model, inputs: torch.Tensor, labels: torch.Tensor, epochs: i
     model.train()
     losses = []
     for epoch in range(1, epochs + 1):
-        started, total_loss = time.perf_counter(), 0.0
+        started, total_loss, window = time.perf_counter(), 0.0, []
+        window_steps = max(1, steps_per_epoch // 20)
         order = torch.randperm(len(inputs), generator=generator)
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
@@ -211,6 +214,11 @@ def train_causal_lm(model, inputs: torch.Tensor, labels: torch.Tensor, epochs: i
             optimizer.step()
             scheduler.step()
             total_loss += loss.item()
+            window.append(loss.item())
+            if len(window) == window_steps or start + batch_size >= len(order):
+                if trace is not None:
+                    trace.append(round(sum(window) / len(window), 4))
+                window = []
         losses.append(total_loss / steps_per_epoch)
         progress(f"[base] {stage} epoch {epoch}/{epochs}: loss {losses[-1]:.3f} "
                  f"({time.perf_counter() - started:.0f} s)")
@@ -264,16 +272,18 @@ def build_base(target: Path, questions: list[str], architecture: dict[str, Any],
              f"{len(tokenizer)} tokens in the vocabulary; it reads {documents[0].numel():,} tokens of "
              f"{len(corpus):,} documents, then {tuning[0].numel():,} tokens of {len(instructions):,} instructions; "
              f"no TinyAgent plan")
+    pretrain_trace, instruction_trace = [], []
     pretrain_losses = train_causal_lm(model, *documents, settings.pretrain_epochs, learning_rate=settings.learning_rate,
                                       batch_size=settings.batch_size, seed=settings.seed, stage="pre-training",
-                                      progress=progress)
+                                      progress=progress, trace=pretrain_trace)
     instruction_losses = train_causal_lm(model, *tuning, settings.instruction_epochs,
                                          learning_rate=settings.instruction_learning_rate,
                                          batch_size=settings.batch_size, seed=settings.seed + 1,
-                                         stage="instruction tuning", progress=progress)
+                                         stage="instruction tuning", progress=progress, trace=instruction_trace)
     write_model_folder(target, model, tokenizer, {
         "settings": settings.model_dump(), "architecture": architecture, "recipe": BASE_RECIPE_VERSION,
         "pretrain_losses": pretrain_losses, "instruction_losses": instruction_losses,
+        "pretrain_loss_trace": pretrain_trace, "instruction_loss_trace": instruction_trace,
         "corpus_documents": len(corpus), "corpus_tokens": int(documents[0].numel()),
         "instruction_examples": len(instructions), "instruction_tokens": int(tuning[0].numel()),
         "build_seconds": time.perf_counter() - started,
