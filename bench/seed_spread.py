@@ -162,7 +162,7 @@ def main() -> None:
             for template in sorted({t for r in seeds for t in r["templates"]}):
                 print(f"  `{template}` best full-budget test {metric}: "
                       f"{spread([r['templates'].get(template) for r in seeds])}")
-            print("  template difference (best two, paired): {spread([r['template_difference'] for r in seeds])}")
+            print(f"  template difference (best two, paired): {spread([r['template_difference'] for r in seeds])}")
             if model == "toolrag":
                 for side in ("lowest", "closest"):
                     print(f"  {side} pos_weight: {spread([r[f'pos_weight_{side}'][0] for r in seeds])}, its test "
