@@ -17,7 +17,9 @@ it like any local checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import importlib.metadata
 import os
 import re
@@ -32,7 +34,7 @@ from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from trainers.models import MANIFEST, SourceUnavailable, write_model_folder
+from trainers.models import MANIFEST, SourceUnavailable, no_progress_bars, write_model_folder
 
 # `name==version`, one release: the file's checksum is pinned to it.
 _PINNED = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9][A-Za-z0-9.+!-]*)$")
@@ -150,19 +152,13 @@ def convert_gguf(gguf: Path, target: Path, *, description: dict, progress: Calla
         return target
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     started = time.perf_counter()
     progress(f"[base] converting {gguf.name} into {target} (once; the dequantized weights are fp32)")
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # its per-tensor progress bar would flood a quiet console
-    hf_logging.disable_progress_bar()
-    try:
+    # The GGUF reader draws its own tqdm bar on stderr, which transformers' switch does not reach.
+    with no_progress_bars(), contextlib.redirect_stderr(io.StringIO()):
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    finally:
-        hf_logging.enable_progress_bar()
-        hf_logging.set_verbosity(verbosity)
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights below are plain fp32

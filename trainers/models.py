@@ -7,6 +7,7 @@ fails at once with the flag to use instead, rather than retrying for minutes.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -91,6 +92,21 @@ def config_from_dict(architecture: dict[str, Any]):
 MANIFEST = "base.json"  # written last: a model folder that holds it is complete
 
 
+@contextlib.contextmanager
+def no_progress_bars():
+    """transformers' progress bars off (saving shards, loading weights) and back as they were:
+    a search's console is phase lines, not bars."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def write_model_folder(target: Path, model: Any, tokenizer: Any, manifest: dict[str, Any]) -> Path:
     """Save model, tokenizer and `manifest` (as base.json) into `target` so that the folder is
     complete or absent: written beside it and renamed. A folder a concurrent writer finished
@@ -98,7 +114,8 @@ def write_model_folder(target: Path, model: Any, tokenizer: Any, manifest: dict[
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
-        model.save_pretrained(staging)
+        with no_progress_bars():
+            model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         os.replace(staging, target)
