@@ -38,6 +38,7 @@ def _build_base(prepared: PreparedSearch) -> None:
         print(f"[base] using the base model cached in {build['target']}", flush=True)
         return
     torch.set_num_threads(os.cpu_count() or 1)
+
     def progress(line: str) -> None:
         print(line, flush=True)
 
